@@ -1,0 +1,151 @@
+// kernelkit._C: a thin pybind11 layer over the C ABI.  Tensors cross as raw addresses (ints), so
+// this module does not link libtorch and one build works with any torch version.  The CUDA library
+// is opened lazily with dlopen (load_cuda), so the module imports on machines without CUDA.
+#include <dlfcn.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "kernelkit/kernelkit.h"
+
+namespace py = pybind11;
+
+namespace {
+
+[[noreturn]] void raise_status(kk_status st, const char* msg) {
+  std::string text = std::string(msg && *msg ? msg : kk_status_string(st));
+  switch (st) {
+    case KK_ERR_NULL_POINTER:
+    case KK_ERR_INVALID_SIZE:
+    case KK_ERR_INVALID_ARGUMENT: throw py::value_error(text);
+    case KK_ERR_UNSUPPORTED_DTYPE: throw py::type_error(text);
+    case KK_ERR_OUT_OF_MEMORY: throw std::bad_alloc();
+    default: throw std::runtime_error(text);
+  }
+}
+
+void check(kk_status st) {
+  if (st != KK_OK) raise_status(st, kk_last_error());
+}
+
+template <typename T>
+const T* cptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
+void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
+
+// ---- the CUDA library, resolved with dlsym ----------------------------------------------------
+struct CudaLib {
+  void* handle = nullptr;
+  std::string error = "not loaded";
+  const char* (*last_error)() = nullptr;
+  decltype(&kk_monarch_fwd_cuda) monarch_fwd = nullptr;
+  decltype(&kk_monarch_bwd_cuda_workspace_size) monarch_bwd_ws = nullptr;
+  decltype(&kk_monarch_bwd_cuda) monarch_bwd = nullptr;
+} g_cuda;
+
+template <typename F>
+bool sym(F& fn, const char* name) {
+  fn = reinterpret_cast<F>(dlsym(g_cuda.handle, name));
+  if (!fn) g_cuda.error = std::string("symbol ") + name + " missing";
+  return fn != nullptr;
+}
+
+bool load_cuda(const std::string& path) {
+  if (g_cuda.handle) return true;
+  void* h = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
+  if (!h) {
+    const char* e = dlerror();
+    g_cuda.error = e ? e : "dlopen failed";
+    return false;
+  }
+  g_cuda.handle = h;
+  if (!(sym(g_cuda.last_error, "kk_last_error") && sym(g_cuda.monarch_fwd, "kk_monarch_fwd_cuda") &&
+        sym(g_cuda.monarch_bwd_ws, "kk_monarch_bwd_cuda_workspace_size") &&
+        sym(g_cuda.monarch_bwd, "kk_monarch_bwd_cuda"))) {
+    dlclose(h);
+    g_cuda.handle = nullptr;
+    return false;
+  }
+  g_cuda.error.clear();
+  return true;
+}
+
+const CudaLib& cuda() {
+  if (!g_cuda.handle) throw std::runtime_error("kernelkit CUDA library not loaded: " + g_cuda.error);
+  return g_cuda;
+}
+
+void check_cuda(kk_status st) {
+  if (st != KK_OK) raise_status(st, g_cuda.last_error());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "kernelkit C ABI bindings (pointers as ints; see csrc/include/kernelkit/kernelkit.h)";
+  m.def("abi_version", &kk_abi_version);
+  m.def("version", &kk_version);
+  m.def("cpu_isa", &kk_cpu_isa);
+  m.def("load_cuda", &load_cuda, py::arg("path"),
+        "dlopen libkernelkit_cuda; returns False (see cuda_error()) when it cannot be loaded");
+  m.def("cuda_loaded", [] { return g_cuda.handle != nullptr; });
+  m.def("cuda_error", [] { return g_cuda.error; });
+
+  // ---- monarch ----
+  m.def(
+      "monarch_fwd_cpu",
+      [](int dtype, int64_t B, int64_t k, int64_t q, int64_t p, int64_t l, int64_t s, int64_t r,
+         uintptr_t x, int64_t ldx, uintptr_t w1, uintptr_t w2, uintptr_t out, int64_t ldo,
+         int32_t nthreads) {
+        kk_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = kk_monarch_fwd_cpu(static_cast<kk_dtype>(dtype), B, k, q, p, l, s, r,
+                                  cptr<void>(x), ldx, cptr<void>(w1), cptr<void>(w2), mptr(out),
+                                  ldo, nthreads);
+        }
+        check(st);
+      });
+  m.def(
+      "monarch_bwd_cpu",
+      [](int dtype, int64_t B, int64_t k, int64_t q, int64_t p, int64_t l, int64_t s, int64_t r,
+         uintptr_t x, int64_t ldx, uintptr_t w1, uintptr_t w2, uintptr_t dout, int64_t lddo,
+         uintptr_t dx, int64_t lddx, uintptr_t dw1, uintptr_t dw2, int32_t nthreads) {
+        kk_status st;
+        {
+          py::gil_scoped_release nogil;
+          st = kk_monarch_bwd_cpu(static_cast<kk_dtype>(dtype), B, k, q, p, l, s, r,
+                                  cptr<void>(x), ldx, cptr<void>(w1), cptr<void>(w2),
+                                  cptr<void>(dout), lddo, mptr(dx), lddx, mptr(dw1), mptr(dw2),
+                                  nthreads);
+        }
+        check(st);
+      });
+  m.def("monarch_fwd_cuda",
+        [](int dtype, int64_t B, int64_t k, int64_t q, int64_t p, int64_t l, int64_t s, int64_t r,
+           uintptr_t x, int64_t ldx, uintptr_t w1, uintptr_t w2, uintptr_t out, int64_t ldo,
+           uintptr_t stream) {
+          const CudaLib& c = cuda();
+          check_cuda(c.monarch_fwd(static_cast<kk_dtype>(dtype), B, k, q, p, l, s, r,
+                                   cptr<void>(x), ldx, cptr<void>(w1), cptr<void>(w2), mptr(out),
+                                   ldo, mptr(stream)));
+        });
+  m.def("monarch_bwd_cuda_workspace_size",
+        [](int dtype, int64_t B, int64_t k, int64_t q, int64_t p, int64_t l, int64_t s, int64_t r) {
+          const CudaLib& c = cuda();
+          int64_t bytes = 0;
+          check_cuda(c.monarch_bwd_ws(static_cast<kk_dtype>(dtype), B, k, q, p, l, s, r, &bytes));
+          return bytes;
+        });
+  m.def("monarch_bwd_cuda",
+        [](int dtype, int64_t B, int64_t k, int64_t q, int64_t p, int64_t l, int64_t s, int64_t r,
+           uintptr_t x, int64_t ldx, uintptr_t w1, uintptr_t w2, uintptr_t dout, int64_t lddo,
+           uintptr_t dx, int64_t lddx, uintptr_t dw1, uintptr_t dw2, uintptr_t ws,
+           int64_t ws_bytes, uintptr_t stream) {
+          const CudaLib& c = cuda();
+          check_cuda(c.monarch_bwd(static_cast<kk_dtype>(dtype), B, k, q, p, l, s, r,
+                                   cptr<void>(x), ldx, cptr<void>(w1), cptr<void>(w2),
+                                   cptr<void>(dout), lddo, mptr(dx), lddx, mptr(dw1), mptr(dw2),
+                                   mptr(ws), ws_bytes, mptr(stream)));
+        });
+}

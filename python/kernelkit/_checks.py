@@ -1,0 +1,33 @@
+"""Argument checks at the Python boundary: one message per failure, naming the argument, what was
+expected and what was received."""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def tensor(t, name: str, fn: str, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{fn}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if min_ndim is not None and t.dim() < min_ndim:
+        raise ValueError(f"{fn}: {name} must have at least {min_ndim} dimension(s), got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: {name} must be float32/float64/float16/bfloat16, got {t.dtype}")
+    return t
+
+
+def same(fn: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> None:
+    for name, t in others.items():
+        if t.dtype != ref.dtype:
+            raise TypeError(f"{fn}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}; cast them to one dtype")
+        if t.device != ref.device:
+            raise ValueError(f"{fn}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def rows(t: torch.Tensor) -> torch.Tensor:
+    """2-D tensor with unit inner stride and a row stride >= the width (what the kernels take);
+    copies only when the layout is not already like that (e.g. transposed or expanded)."""
+    return t if t.stride(1) == 1 and t.stride(0) >= t.size(1) else t.contiguous()

@@ -1,0 +1,168 @@
+"""Monarch product as torch.library custom ops (fake + autograd registered), backend dispatch.
+
+    kernelkit::monarch_fwd(x, w1, w2, backend) -> out            x (B, k*p) rows, out (B, l*s)
+    kernelkit::monarch_bwd(x, w1, w2, dout, backend, need_dx, need_dw1, need_dw2) -> (dx, dw1, dw2)
+
+The backward saves only x, w1, w2 and recomputes the intermediate inside the kernels.  Gradients
+that were not asked for come back as empty tensors (custom ops cannot return None).  The user-facing
+entry point is :func:`monarch_matmul`; it validates, flattens the batch and picks the backend.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import _backend, _checks, _lib
+from .reference import monarch_reference, monarch_reference_bwd
+
+_KK_DTYPE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
+_SUPPORTED = {
+    "torch": (torch.float32, torch.float64, torch.float16, torch.bfloat16),
+    "cpu": (torch.float32, torch.float64),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+}
+
+
+def _supports(dtype: torch.dtype):
+    def check(name: str) -> str | None:
+        ok = _SUPPORTED[name]
+        if dtype in ok:
+            return None
+        return f"dtype {dtype} not supported (it handles {', '.join(str(d).replace('torch.', '') for d in ok)})"
+    return check
+
+
+def _dims(w1: Tensor, w2: Tensor):
+    return (*w1.shape, *w2.shape)
+
+
+def _triton():
+    from kernelkit.kernels import monarch as tk  # imported lazily: triton is optional
+    return tk
+
+
+def _stream(t: Tensor) -> int:
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+@torch.library.custom_op("kernelkit::monarch_fwd", mutates_args=())
+def monarch_fwd(x: Tensor, w1: Tensor, w2: Tensor, backend: str) -> Tensor:
+    k, q, p, l, s, r = _dims(w1, w2)
+    B = x.shape[0]
+    if backend == "torch":
+        return monarch_reference(x, w1, w2).contiguous()
+    if backend == "triton":
+        return _triton().monarch_fwd(x, w1, w2, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+    out = x.new_empty(B, l * s)
+    if backend == "cpu":
+        _lib.C().monarch_fwd_cpu(_KK_DTYPE[x.dtype], B, k, q, p, l, s, r, x.data_ptr(), x.stride(0),
+                                 w1.data_ptr(), w2.data_ptr(), out.data_ptr(), out.stride(0),
+                                 torch.get_num_threads())
+    elif backend == "cuda":
+        with torch.cuda.device(x.device):
+            _lib.C().monarch_fwd_cuda(_KK_DTYPE[x.dtype], B, k, q, p, l, s, r, x.data_ptr(), x.stride(0),
+                                      w1.data_ptr(), w2.data_ptr(), out.data_ptr(), out.stride(0), _stream(x))
+    else:
+        raise ValueError(f"kernelkit::monarch_fwd: unknown backend {backend!r}")
+    return out
+
+
+@monarch_fwd.register_fake
+def _(x, w1, w2, backend):
+    return x.new_empty(x.shape[0], w2.shape[0] * w2.shape[1])
+
+
+@torch.library.custom_op("kernelkit::monarch_bwd", mutates_args=())
+def monarch_bwd(x: Tensor, w1: Tensor, w2: Tensor, dout: Tensor, backend: str,
+                need_dx: bool, need_dw1: bool, need_dw2: bool) -> tuple[Tensor, Tensor, Tensor]:
+    k, q, p, l, s, r = _dims(w1, w2)
+    B = x.shape[0]
+    empty = x.new_empty(0)
+    if backend == "torch":
+        dx, dw1, dw2 = monarch_reference_bwd(x, w1, w2, dout)
+        return (dx.contiguous() if need_dx else empty, dw1 if need_dw1 else empty.clone(),
+                dw2 if need_dw2 else empty.clone())
+    if backend == "triton":
+        dx, dw1, dw2 = _triton().monarch_bwd(x, w1, w2, dout, need_dx=need_dx, need_dw1=need_dw1,
+                                             need_dw2=need_dw2, allow_tf32=torch.backends.cuda.matmul.allow_tf32)
+        return (dx if need_dx else empty, dw1 if need_dw1 else empty.clone(), dw2 if need_dw2 else empty.clone())
+    dx = x.new_empty(B, k * p) if need_dx else x.new_empty(0)
+    dw1 = torch.empty_like(w1) if need_dw1 else x.new_empty(0)
+    dw2 = torch.empty_like(w2) if need_dw2 else x.new_empty(0)
+    ptr = lambda t, need: t.data_ptr() if need else 0  # noqa: E731 (NULL = not wanted)
+    args = (_KK_DTYPE[x.dtype], B, k, q, p, l, s, r, x.data_ptr(), x.stride(0), w1.data_ptr(), w2.data_ptr(),
+            dout.data_ptr(), dout.stride(0), ptr(dx, need_dx), k * p, ptr(dw1, need_dw1), ptr(dw2, need_dw2))
+    if backend == "cpu":
+        _lib.C().monarch_bwd_cpu(*args, torch.get_num_threads())
+    elif backend == "cuda":
+        with torch.cuda.device(x.device):
+            nbytes = _lib.C().monarch_bwd_cuda_workspace_size(*args[:8])
+            ws = torch.empty(max(nbytes, 1), dtype=torch.uint8, device=x.device)
+            _lib.C().monarch_bwd_cuda(*args, ws.data_ptr(), nbytes, _stream(x))
+    else:
+        raise ValueError(f"kernelkit::monarch_bwd: unknown backend {backend!r}")
+    return dx, dw1, dw2
+
+
+@monarch_bwd.register_fake
+def _(x, w1, w2, dout, backend, need_dx, need_dw1, need_dw2):
+    return (x.new_empty(x.shape) if need_dx else x.new_empty(0),
+            w1.new_empty(w1.shape) if need_dw1 else x.new_empty(0),
+            w2.new_empty(w2.shape) if need_dw2 else x.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, w2, backend = inputs
+    ctx.save_for_backward(x, w1, w2)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad):
+    x, w1, w2 = ctx.saved_tensors
+    need = ctx.needs_input_grad[:3]
+    dx, dw1, dw2 = torch.ops.kernelkit.monarch_bwd(x, w1, w2, _checks.rows(grad), ctx.backend, *need)
+    return (dx if need[0] else None, dw1 if need[1] else None, dw2 if need[2] else None, None)
+
+
+monarch_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def check_factors(w1: Tensor, w2: Tensor, fn: str) -> None:
+    _checks.tensor(w1, "w1", fn, ndim=3)
+    _checks.tensor(w2, "w2", fn, ndim=3)
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    if min(k, q, p, l, s, r) <= 0:
+        raise ValueError(f"{fn}: w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} must have no empty dimension")
+    if l * r != k * q:
+        raise ValueError(f"{fn}: w2 must consume w1's output: w2.shape[0]*w2.shape[2] (= {l}*{r} = {l * r}) "
+                         f"must equal w1.shape[0]*w1.shape[1] (= {k}*{q} = {k * q})")
+
+
+def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: str | None = None) -> Tensor:
+    """Generalized Monarch product ``y = P2 · blockdiag(w2) · P1 · blockdiag(w1) · x`` (fly layout).
+
+    Args:
+        x: ``(..., k*p)`` input.  Any strides (copied to rows only if the inner stride is not 1).
+        w1: ``(k, q, p)`` first block-diagonal factor (k blocks of q x p, out x in).
+        w2: ``(l, s, r)`` second factor, with ``l*r == k*q``.
+        backend: ``"torch" | "cpu" | "triton" | "cuda"`` or None for the default (see kernelkit.backend).
+    Returns:
+        ``(..., l*s)`` tensor, same dtype and device as x.  Differentiable in x, w1 and w2.
+    NaN/inf in the inputs propagate to the outputs they touch (as in a dense matmul); they are not
+    checked, so that the op costs no extra pass over x.
+    """
+    fn = "monarch_matmul"
+    _checks.tensor(x, "x", fn, min_ndim=1)
+    check_factors(w1, w2, fn)
+    _checks.same(fn, "x", x, w1=w1, w2=w2)
+    k, q, p = w1.shape
+    l, s, r = w2.shape
+    if x.shape[-1] != k * p:
+        raise ValueError(f"{fn}: x.shape[-1] must equal w1.shape[0]*w1.shape[2] (= {k}*{p} = {k * p}), "
+                         f"got x of shape {tuple(x.shape)}")
+    name = _backend.select(fn, x.device, backend, _supports(x.dtype))
+    x2 = _checks.rows(x.reshape(-1, k * p))
+    out = torch.ops.kernelkit.monarch_fwd(x2, w1.contiguous(), w2.contiguous(), name)
+    return out.reshape(*x.shape[:-1], l * s)

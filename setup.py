@@ -1,0 +1,148 @@
+"""Build of kernelkit's compiled parts (no libtorch anywhere):
+
+  kernelkit/lib/libkernelkit.so       CPU kernels, C ABI, OpenMP. Always built.  The kernels are
+                                      compiled once per x86 ISA (base, AVX2, AVX-512) and chosen at
+                                      run time, so a wheel built here runs on any x86-64 CPU.
+  kernelkit/lib/libkernelkit_cuda.so  CUDA kernels, C ABI.  Built when nvcc is found.
+                                      KERNELKIT_BUILD_CUDA=auto (default) | 0 | 1 (1 fails without nvcc)
+                                      KERNELKIT_CUDA_ARCHS="80;90" (default) compute capabilities.
+  kernelkit/_C                        pybind11 module over libkernelkit (loads the CUDA one lazily).
+  kernelkit/include/kernelkit/*.h     the public header, for kernelkit.get_include().
+Other knobs: KERNELKIT_SANITIZE=1 builds the CPU library with ASan+UBSan (used by .ci/run);
+KERNELKIT_JOBS=N compiles N sources at a time.
+"""
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from setuptools import setup
+from setuptools.command.build_ext import build_ext
+
+try:
+    from pybind11.setup_helpers import Pybind11Extension
+except ImportError:  # pybind11 is a build requirement; this only helps `python setup.py --help`
+    from setuptools import Extension as Pybind11Extension
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+VERSION = "0.1.0"
+IS_X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+# (source, extra flags, ISA namespace) for the CPU library.
+CPU_ISAS = [("isa_base", [])]
+if IS_X86:
+    CPU_ISAS += [("isa_avx2", ["-mavx2", "-mfma"]),
+                 ("isa_avx512", ["-mavx512f", "-mavx512dq", "-mavx2", "-mfma"])]
+CPU_PER_ISA = ["monarch.cpp"]                       # kernels, compiled once per ISA
+CPU_COMMON = ["status.cpp", "isa.cpp", "monarch_api.cpp"]
+CUDA_SOURCES = ["monarch.cu"]
+
+
+def _run(cmd):
+    print(" ".join(str(c) for c in cmd), flush=True)
+    subprocess.check_call([str(c) for c in cmd])
+
+
+def _find_nvcc():
+    cand = [os.environ.get("NVCC"), shutil.which("nvcc")]
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            cand.append(os.path.join(home, "bin", "nvcc"))
+    for c in cand:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+class BuildKernelkit(build_ext):
+    def run(self):
+        out_pkg = Path(self.build_lib) / "kernelkit"
+        if self.inplace:
+            out_pkg = ROOT / "python" / "kernelkit"
+        lib_dir = out_pkg / "lib"
+        lib_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(self.build_temp) / "kernelkit"
+        tmp.mkdir(parents=True, exist_ok=True)
+        self._copy_headers(out_pkg)
+        self._build_cpu(lib_dir, tmp)
+        self._build_cuda(lib_dir, tmp)
+        for ext in self.extensions:  # the pybind11 module links libkernelkit from ../lib
+            ext.library_dirs = [str(lib_dir)]
+        super().run()
+
+    def _copy_headers(self, out_pkg):
+        dst = out_pkg / "include" / "kernelkit"
+        dst.mkdir(parents=True, exist_ok=True)
+        for h in (CSRC / "include" / "kernelkit").glob("*.h"):
+            shutil.copy2(h, dst / h.name)
+
+    def _jobs(self):
+        return int(os.environ.get("KERNELKIT_JOBS", os.cpu_count() or 1))
+
+    def _build_cpu(self, lib_dir, tmp):
+        cxx = os.environ.get("CXX", "g++")
+        flags = ["-std=c++17", "-O3", "-fPIC", "-fopenmp", "-fvisibility=hidden",
+                 f"-DKERNELKIT_VERSION=\"{VERSION}\"", f"-I{CSRC / 'include'}", "-Wall", "-Wextra"]
+        ldflags = ["-fopenmp", "-Wl,-Bsymbolic"]
+        if os.environ.get("KERNELKIT_SANITIZE") == "1":
+            san = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=undefined"]
+            flags = [f for f in flags if f != "-O3"] + ["-O1", "-g"] + san
+            ldflags += san
+        jobs = []
+        for ns, isa_flags in CPU_ISAS:
+            for src in CPU_PER_ISA:
+                obj = tmp / f"{Path(src).stem}.{ns}.o"
+                jobs.append([cxx, *flags, *isa_flags, f"-DKK_ISA_NS={ns}", "-c", CSRC / "cpu" / src, "-o", obj])
+        for src in CPU_COMMON:
+            jobs.append([cxx, *flags, "-c", CSRC / "cpu" / src, "-o", tmp / f"{Path(src).stem}.o"])
+        with ThreadPoolExecutor(self._jobs()) as pool:
+            list(pool.map(_run, jobs))
+        objs = [j[-1] for j in jobs]
+        _run([cxx, "-shared", *objs, *ldflags, "-o", lib_dir / "libkernelkit.so"])
+
+    def _build_cuda(self, lib_dir, tmp):
+        mode = os.environ.get("KERNELKIT_BUILD_CUDA", "auto").lower()
+        target = lib_dir / "libkernelkit_cuda.so"
+        if mode in ("0", "no", "off", "false"):
+            print("kernelkit: KERNELKIT_BUILD_CUDA=0, skipping the CUDA library")
+            return
+        nvcc = _find_nvcc()
+        if nvcc is None:
+            if mode in ("1", "yes", "on", "true"):
+                raise RuntimeError("KERNELKIT_BUILD_CUDA=1 but nvcc was not found (set NVCC or CUDA_HOME)")
+            print("kernelkit: nvcc not found, the CUDA library is not built (the cpu/triton/torch backends still work)")
+            return
+        archs = [a.strip() for a in os.environ.get("KERNELKIT_CUDA_ARCHS", "80;90").replace(",", ";").split(";") if a.strip()]
+        gencode = []
+        for a in archs:
+            gencode += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+        gencode += ["-gencode", f"arch=compute_{archs[-1]},code=compute_{archs[-1]}"]  # PTX for newer cards
+        flags = ["-std=c++17", "-O3", "-Xcompiler", "-fPIC,-fvisibility=hidden", f"-I{CSRC / 'include'}",
+                 f"-I{CSRC / 'cpu'}", f"-DKERNELKIT_VERSION=\"{VERSION}\"", *gencode]
+        jobs = [[nvcc, *flags, "-c", CSRC / "cuda" / s, "-o", tmp / f"{Path(s).stem}.cu.o"] for s in CUDA_SOURCES]
+        jobs.append([nvcc, *flags, "-x", "cu", "-c", CSRC / "cpu" / "status.cpp", "-o", tmp / "status.cu.o"])
+        with ThreadPoolExecutor(self._jobs()) as pool:
+            list(pool.map(_run, jobs))
+        _run([nvcc, "-shared", *gencode, *[j[-1] for j in jobs], "-Xlinker", "-Bsymbolic",
+              "-cudart", "static", "-o", target])
+
+
+ext = Pybind11Extension(
+    "kernelkit._C",
+    [str(Path("csrc") / "python" / "module.cpp")],
+    include_dirs=[str(CSRC / "include")],
+    libraries=["kernelkit"],
+    extra_link_args=["-Wl,-rpath,$ORIGIN/lib"],
+    extra_compile_args=["-O2"],
+    cxx_std=17,
+)
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildKernelkit},
+    package_data={"kernelkit": ["lib/*.so", "include/kernelkit/*.h"]},
+)
