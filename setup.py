@@ -19,7 +19,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 try:
@@ -142,6 +142,9 @@ ext = Pybind11Extension(
 )
 
 setup(
+    # kernelkit from python/, and the Triton kernels from kernels/ as kernelkit.kernels
+    packages=find_packages("python") + ["kernelkit.kernels"],
+    package_dir={"": "python", "kernelkit.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildKernelkit},
     package_data={"kernelkit": ["lib/*.so", "include/kernelkit/*.h"]},

@@ -32,7 +32,15 @@ extern "C" {
 
 #define KK_ABI_VERSION 1
 
-typedef enum kk_status {
+/* In C++ the enums get a fixed underlying type (int), so any integer a C caller passes is a
+ * valid value that the library can reject with a status, rather than undefined behaviour. */
+#ifdef __cplusplus
+#define KK_ENUM(name) enum name : int
+#else
+#define KK_ENUM(name) enum name
+#endif
+
+typedef KK_ENUM(kk_status) {
   KK_OK = 0,
   KK_ERR_NULL_POINTER = 1,     /* a required pointer was NULL */
   KK_ERR_INVALID_SIZE = 2,     /* a size was negative, zero where it must not be, or inconsistent */
@@ -43,7 +51,7 @@ typedef enum kk_status {
   KK_ERR_INTERNAL = 7          /* a bug: please report it with kk_last_error() */
 } kk_status;
 
-typedef enum kk_dtype {
+typedef KK_ENUM(kk_dtype) {
   KK_FLOAT32 = 0,
   KK_FLOAT64 = 1,
   KK_FLOAT16 = 2,

@@ -1,0 +1,1 @@
+"""Triton kernels of kernelkit (installed as ``kernelkit.kernels``); one module per family."""

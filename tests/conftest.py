@@ -1,0 +1,40 @@
+"""Test-session setup shared by every family.
+
+Without a CUDA GPU, the Triton kernels run under the interpreter: TRITON_INTERPRET=1 must be in
+the environment before triton is first imported, so it is set here, before any test module loads.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs an NVIDIA GPU (run bench/device_check.sh on the device machine)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def poison():
+    """NaN-fill every torch.empty for the duration of a test, so that an output element a kernel
+    forgets to write fails the comparison (torch's fill_uninitialized_memory under deterministic
+    mode)."""
+    import torch.utils.deterministic as det
+
+    prev_mode, prev_fill = torch.are_deterministic_algorithms_enabled(), det.fill_uninitialized_memory
+    prev_warn = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    det.fill_uninitialized_memory = True
+    try:
+        yield
+    finally:
+        det.fill_uninitialized_memory = prev_fill
+        torch.use_deterministic_algorithms(prev_mode, warn_only=prev_warn)
