@@ -1,16 +1,15 @@
 // Register-blocked GEMM building blocks for the CPU kernels (internal; header-only).
 //
-// C[M x N] (+)= A[M x K] * B[K x N], where
-//   - A is read in place through two strides (a_rs between rows, a_cs between the K entries), so
-//     transposed, permuted and strided operands (the Monarch permutations!) cost nothing extra:
-//     the micro-kernel only ever broadcasts single elements of A;
-//   - B is "packed": split into panels of NR columns, each panel stored K-major and contiguous
-//     (NR elements per k), zero padded past N.  Packing is where we pay for B's layout, once;
-//   - C is written through (c_rs, c_cs); c_cs == 1 takes the vector path.
-// The accumulators live in MR x NV vector registers (GCC vector extensions, so one source serves
-// SSE, AVX2 and AVX-512: this file is compiled once per ISA, see setup.py and monarch_api.cpp).
-// Classic GotoBLAS/BLIS blocking, minus the A packing: A tiles of this library are small and hot
-// in L1/L2 because the callers tile the batch dimension.
+// C[M x N] (+)= A[M x K] * B[K x N] with both operands "packed" (GotoBLAS/BLIS style):
+//   - A is split into panels of MR rows, each stored K-major (MR elements per k), zero padded;
+//   - B is split into panels of NR columns, each stored K-major (NR elements per k), zero padded.
+// Packing reads the source through two arbitrary strides, so transposed, permuted and strided
+// operands (the Monarch permutations, dO^T, h = t[:, c::l], ...) cost one pass each, and the
+// micro-kernel always streams two contiguous panels: MR broadcasts from one pointer and NV vector
+// loads per k, feeding MR x NV vector accumulators.  C is written through (c_rs, c_cs);
+// c_cs == 1 takes the vector path.
+// GCC vector extensions let one source serve SSE, AVX2 and AVX-512: this file is compiled once per
+// ISA (see setup.py and monarch_api.cpp), and the register tile is sized to the ISA's registers.
 #pragma once
 
 #include <cstdint>
@@ -61,34 +60,54 @@ inline int64_t packed_size(int64_t K, int64_t N) {
   return ((N + NR - 1) / NR) * NR * K;
 }
 
-// One MR x NR micro-tile: C[0:mr, 0:nr] (+)= A[0:mr, 0:K] * panel[0:K, 0:nr].
+// Packs A (M x K, element (i, kk) at src[i*rs_m + kk*cs_k]) into ceil(M/MR) panels, each K x MR.
 template <typename T>
-inline void micro_kernel(int64_t K, const T* A, int64_t a_rs, int64_t a_cs, int mr,
-                         const T* __restrict__ panel, T* C, int64_t c_rs, int64_t c_cs, int nr,
-                         bool accumulate) {
+inline void pack_a(int64_t M, int64_t K, const T* src, int64_t rs_m, int64_t cs_k, T* dst) {
+  constexpr int MR = Tile<T>::MR;
+  for (int64_t i0 = 0; i0 < M; i0 += MR) {
+    const int64_t mr = M - i0 < MR ? M - i0 : MR;
+    T* panel = dst + i0 * K;
+    const T* s = src + i0 * rs_m;
+    if (cs_k == 1) {  // rows contiguous in k: read each row once, scatter into the panel
+      for (int64_t i = 0; i < mr; ++i)
+        for (int64_t kk = 0; kk < K; ++kk) panel[kk * MR + i] = s[i * rs_m + kk];
+    } else {
+      for (int64_t kk = 0; kk < K; ++kk)
+        for (int64_t i = 0; i < mr; ++i) panel[kk * MR + i] = s[i * rs_m + kk * cs_k];
+    }
+    for (int64_t i = mr; i < MR; ++i)
+      for (int64_t kk = 0; kk < K; ++kk) panel[kk * MR + i] = T(0);
+  }
+}
+
+template <typename T>
+inline int64_t packed_a_size(int64_t M, int64_t K) {
+  constexpr int MR = Tile<T>::MR;
+  return ((M + MR - 1) / MR) * MR * K;
+}
+
+// One MR x NR micro-tile: C[0:mr, 0:nr] (+)= Apanel (K x MR) * Bpanel (K x NR).
+template <typename T>
+inline void micro_kernel(int64_t K, const T* __restrict__ ap, const T* __restrict__ bp, T* C,
+                         int64_t c_rs, int64_t c_cs, int mr, int nr, bool accumulate) {
   using V = typename Tile<T>::vec;
   constexpr int MR = Tile<T>::MR, NV = Tile<T>::NV, VL = Tile<T>::VL, NR = Tile<T>::NR;
-  // Rows past mr re-read the last valid row (never out of bounds); their results are dropped.
-  const T* arow[MR];
-#pragma GCC unroll 16
-  for (int i = 0; i < MR; ++i) arow[i] = A + (i < mr ? i : mr - 1) * a_rs;
-
   V acc[MR][NV];
 #pragma GCC unroll 16
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = V{} ;
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
 
   for (int64_t kk = 0; kk < K; ++kk) {
     V b[NV];
 #pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) std::memcpy(&b[v], panel + kk * NR + v * VL, sizeof(V));
-    const int64_t off = kk * a_cs;
+    for (int v = 0; v < NV; ++v) std::memcpy(&b[v], bp + kk * NR + v * VL, sizeof(V));
+    const T* a = ap + kk * MR;
 #pragma GCC unroll 16
     for (int i = 0; i < MR; ++i) {
-      const T a = arow[i][off];
+      const T ai = a[i];
 #pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[i][v] += a * b[v];
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * b[v];
     }
   }
 
@@ -121,15 +140,19 @@ inline void micro_kernel(int64_t K, const T* A, int64_t a_rs, int64_t a_cs, int 
   }
 }
 
-// C[0:M, 0:nr] (+)= A[0:M, 0:K] * panel, one packed panel (nr <= NR columns), all M rows.
+// C[0:M, 0:N] (+)= A * B for packed A (all M rows) and packed B panels [j0/NR, j1/NR) of N.
+// Panel-outer order: one B panel (K x NR) stays in L1/L2 while all A panels stream past it.
 template <typename T>
-inline void gemm_panel(int64_t M, int64_t K, const T* A, int64_t a_rs, int64_t a_cs,
-                       const T* panel, T* C, int64_t c_rs, int64_t c_cs, int nr, bool accumulate) {
-  constexpr int MR = Tile<T>::MR;
-  for (int64_t i0 = 0; i0 < M; i0 += MR) {
-    const int mr = static_cast<int>(M - i0 < MR ? M - i0 : MR);
-    micro_kernel<T>(K, A + i0 * a_rs, a_rs, a_cs, mr, panel, C + i0 * c_rs, c_rs, c_cs, nr,
-                    accumulate);
+inline void gemm_packed(int64_t M, int64_t N, int64_t K, const T* ap, const T* bp, int64_t j0,
+                        int64_t j1, T* C, int64_t c_rs, int64_t c_cs, bool accumulate) {
+  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  for (int64_t j = j0; j < j1 && j < N; j += NR) {
+    const int nr = static_cast<int>(N - j < NR ? N - j : NR);
+    for (int64_t i0 = 0; i0 < M; i0 += MR) {
+      const int mr = static_cast<int>(M - i0 < MR ? M - i0 : MR);
+      micro_kernel<T>(K, ap + i0 * K, bp + j * K, C + i0 * c_rs + j * c_cs, c_rs, c_cs, mr, nr,
+                      accumulate);
+    }
   }
 }
 

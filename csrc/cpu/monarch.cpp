@@ -9,8 +9,8 @@
 // Why this is faster than the usual bmm path: the bmm path writes the intermediate, copies it
 // through a permute, and copies the output through another one (each a full pass over memory).
 // Here the batch is cut into tiles of BM rows; a tile's intermediate t stays in one cache-resident
-// buffer, and both permutations are folded into the strides with which the micro-kernel reads A
-// (stage 2 reads h[b, c, :] as t + c with column stride l) and writes C (output columns n*l + c).
+// buffer, and both permutations are folded into strides: the packing of the micro-kernel's A operand
+// reads h[b, c, :] as t + c with column stride l, and C is written to output columns n*l + c.
 // Weights are packed once per call into register-panel order (gemm.h).
 //
 // Backward recomputes t per tile (nothing but x, w1, w2 is saved), then per tile:
@@ -18,9 +18,9 @@
 //   dw2[c, n, m]  += sum_b dout[b, n*l + c] t[b, m*l + c]
 //   dx[b, a*p + j] = sum_i dt[b, a*q + i] w1[a, i, j]
 //   dw1[a, i, j]  += sum_b dt[b, a*q + i] x[b, a*p + j]
-// Threads split each stage's (block, column panel) work items, so every weight-gradient element
-// has exactly one writer: no atomics and no per-thread copies to reduce.  Accumulation is in the
-// element type (fp32 or fp64).
+// Threads split each stage's (block, group of column panels) work items, so every weight-gradient
+// element has exactly one writer: no atomics and no per-thread copies to reduce.  Accumulation is in
+// the element type (fp32 or fp64).
 //
 // This file is compiled once per ISA (KK_ISA_NS = isa_avx512 / isa_avx2 / isa_base);
 // monarch_api.cpp validates arguments and picks the variant at run time.
@@ -61,54 +61,81 @@ struct Buffer {
 
 inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Batch tile: the tile buffers (t, dt and the x/dout rows they read) should stay in L2/L3.
+// Batch tile: the tile's intermediate t (bm x k*q) should stay in L2 (forward) or L3 (backward,
+// where bigger tiles amortise the read-modify-write of the weight gradients).
 template <typename T>
-int64_t batch_tile(const Dims& d, int64_t widest, bool backward) {
+int64_t batch_tile(const Dims& d, bool backward) {
   constexpr int MR = Tile<T>::MR;
-  int64_t budget = (backward ? 512 : 256) * 1024;  // bytes for one tile buffer
-  if (const char* e = std::getenv(backward ? "KK_TUNE_BWD" : "KK_TUNE_FWD")) budget = std::atoll(e) * 1024;
-  int64_t minbm = 2 * MR;
-  if (const char* e = std::getenv("KK_TUNE_MINBM")) minbm = std::atoll(e);
-  int64_t bm = budget / (std::max<int64_t>(widest, 1) * static_cast<int64_t>(sizeof(T)));
-  bm = std::max<int64_t>(bm, minbm);
-  bm = std::min<int64_t>(bm, 512);
-  bm = bm / MR * MR;
+  const int64_t budget = (backward ? 4096 : 1024) * 1024;  // bytes for the t tile
+  int64_t bm = budget / (std::max<int64_t>(d.kq(), 1) * static_cast<int64_t>(sizeof(T)));
+  bm = std::min<int64_t>(std::max<int64_t>(bm, 4 * MR), 512) / MR * MR;
   return std::min(bm, std::max<int64_t>(d.B, 1));
 }
+
+// Work items of one stage: `nblk` blocks x `ngroup` groups of column panels of an N-wide output.
+// Groups exist so that a few big blocks still give every thread work at small batch.
+template <typename T>
+struct Split {
+  int64_t ngroup, per;  // groups per block, columns per group (a multiple of NR)
+  Split(int64_t nblk, int64_t N, int64_t workers) {
+    constexpr int NR = Tile<T>::NR;
+    const int64_t npan = cdiv(N, NR);
+    ngroup = std::min(std::max<int64_t>(cdiv(2 * workers, nblk), 1), npan);
+    per = cdiv(npan, ngroup) * NR;
+  }
+  int64_t items(int64_t nblk) const { return nblk * ngroup; }
+};
+
+// Per-thread packing scratch.
+template <typename T>
+struct Scratch {
+  Buffer<T> a, at, b;
+  Scratch(const Dims& d, int64_t bm)
+      : a(packed_a_size<T>(bm, std::max({d.p, d.q, d.r, d.s}))),
+        at(packed_a_size<T>(std::max(d.s, d.q), bm)),
+        b(packed_size<T>(bm, std::max(d.r, d.p))) {}
+};
 
 template <typename T>
 void fwd(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, T* out, int64_t ldo,
          int nthreads) {
-  constexpr int NR = Tile<T>::NR;
   const int64_t kq = d.kq();
-  const int64_t np1 = cdiv(d.q, NR), np2 = cdiv(d.s, NR);  // column panels per block
   const int64_t ps1 = packed_size<T>(d.p, d.q), ps2 = packed_size<T>(d.r, d.s);
   Buffer<T> P1(d.k * ps1), P2(d.l * ps2);
-  const int64_t bm = batch_tile<T>(d, std::max({kq, d.k * d.p, d.l * d.s}), false);
+  const int64_t bm = batch_tile<T>(d, false);
   const int64_t ntiles = cdiv(d.B, bm);
   // Many tiles: each thread owns whole tiles (no barriers).  Few: threads share a tile's items.
-  const bool tile_parallel = ntiles >= 4 * static_cast<int64_t>(nthreads);
+  const bool tile_parallel = ntiles >= 2 * static_cast<int64_t>(nthreads);
+  const int64_t workers = tile_parallel ? 1 : nthreads;
+  const Split<T> g1(d.k, d.q, workers), g2(d.l, d.s, workers);
   Buffer<T> tbuf((tile_parallel ? nthreads : 1) * bm * kq);
+  std::vector<Scratch<T>*> scratch(nthreads, nullptr);
+  struct Free { std::vector<Scratch<T>*>& v; ~Free() { for (auto* p : v) delete p; } } free_{scratch};
+  for (auto& sc : scratch) sc = new Scratch<T>(d, bm);
 
 #pragma omp parallel num_threads(nthreads)
   {
-    // Pack weights: w1[a] as K=p x N=q (element (j, i) at w1[a, i, j]); w2[c] as K=r x N=s.
+    // Pack weights: w1[a] as B = (K=p) x (N=q), element (j, i) = w1[a, i, j]; w2[c] as r x s.
 #pragma omp for schedule(static) nowait
     for (int64_t a = 0; a < d.k; ++a) pack_b<T>(d.p, d.q, w1 + a * d.q * d.p, 1, d.p, P1.ptr + a * ps1);
 #pragma omp for schedule(static)
     for (int64_t c = 0; c < d.l; ++c) pack_b<T>(d.r, d.s, w2 + c * d.s * d.r, 1, d.r, P2.ptr + c * ps2);
+    Scratch<T>& sc = *scratch[omp_get_thread_num()];
 
-    auto stage1 = [&](int64_t b0, int64_t mt, T* t, int64_t it) {  // item = (a, panel)
-      const int64_t a = it / np1, jp = it % np1;
-      const int nr = static_cast<int>(std::min<int64_t>(NR, d.q - jp * NR));
-      gemm_panel<T>(mt, d.p, x + b0 * ldx + a * d.p, ldx, 1, P1.ptr + a * ps1 + jp * NR * d.p,
-                    t + a * d.q + jp * NR, kq, 1, nr, false);
+    // Stage 1, item (a, group): t[:, a*q + cols] = x[:, a*p : a*p + p] w1[a]^T
+    auto stage1 = [&](int64_t b0, int64_t mt, T* t, int64_t it) {
+      const int64_t a = it / g1.ngroup, j0 = (it % g1.ngroup) * g1.per;
+      pack_a<T>(mt, d.p, x + b0 * ldx + a * d.p, ldx, 1, sc.a.ptr);
+      gemm_packed<T>(mt, d.q, d.p, sc.a.ptr, P1.ptr + a * ps1, j0, j0 + g1.per, t + a * d.q, kq, 1,
+                     false);
     };
-    auto stage2 = [&](int64_t b0, int64_t mt, const T* t, int64_t it) {  // item = (c, panel)
-      const int64_t c = it / np2, jp = it % np2;
-      const int nr = static_cast<int>(std::min<int64_t>(NR, d.s - jp * NR));
-      gemm_panel<T>(mt, d.r, t + c, kq, d.l, P2.ptr + c * ps2 + jp * NR * d.r,
-                    out + b0 * ldo + jp * NR * d.l + c, ldo, d.l, nr, false);
+    // Stage 2, item (c, group): out[:, n*l + c] = h_c w2[c]^T, with h_c = t[:, c::l] (P1 folded
+    // into the packing strides, P2 into the output column stride l).
+    auto stage2 = [&](int64_t b0, int64_t mt, const T* t, int64_t it) {
+      const int64_t c = it / g2.ngroup, j0 = (it % g2.ngroup) * g2.per;
+      pack_a<T>(mt, d.r, t + c, kq, d.l, sc.a.ptr);
+      gemm_packed<T>(mt, d.s, d.r, sc.a.ptr, P2.ptr + c * ps2, j0, j0 + g2.per,
+                     out + b0 * ldo + c, ldo, d.l, false);
     };
 
     if (tile_parallel) {
@@ -116,16 +143,16 @@ void fwd(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, T* ou
 #pragma omp for schedule(dynamic, 1)
       for (int64_t tile = 0; tile < ntiles; ++tile) {
         const int64_t b0 = tile * bm, mt = std::min(bm, d.B - b0);
-        for (int64_t it = 0; it < d.k * np1; ++it) stage1(b0, mt, t, it);
-        for (int64_t it = 0; it < d.l * np2; ++it) stage2(b0, mt, t, it);
+        for (int64_t it = 0; it < g1.items(d.k); ++it) stage1(b0, mt, t, it);
+        for (int64_t it = 0; it < g2.items(d.l); ++it) stage2(b0, mt, t, it);
       }
     } else {
       for (int64_t tile = 0; tile < ntiles; ++tile) {
         const int64_t b0 = tile * bm, mt = std::min(bm, d.B - b0);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < d.k * np1; ++it) stage1(b0, mt, tbuf.ptr, it);
+        for (int64_t it = 0; it < g1.items(d.k); ++it) stage1(b0, mt, tbuf.ptr, it);
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < d.l * np2; ++it) stage2(b0, mt, tbuf.ptr, it);
+        for (int64_t it = 0; it < g2.items(d.l); ++it) stage2(b0, mt, tbuf.ptr, it);
       }
     }
   }
@@ -134,29 +161,29 @@ void fwd(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, T* ou
 template <typename T>
 void bwd(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, const T* dout,
          int64_t lddo, T* dx, int64_t lddx, T* dw1, T* dw2, int nthreads) {
-  constexpr int NR = Tile<T>::NR;
   const int64_t kq = d.kq();
-  const int64_t np1 = cdiv(d.q, NR);   // stage 1 panels (columns i of t per block a)
-  const int64_t npr = cdiv(d.r, NR);   // stage 2 panels (columns m of h per block c)
-  const int64_t npp = cdiv(d.p, NR);   // stage 3 panels (columns j of x per block a)
   const int64_t ps1 = packed_size<T>(d.p, d.q);   // w1[a] as K=p x N=q (recompute t)
   const int64_t ps2 = packed_size<T>(d.s, d.r);   // w2[c] as K=s x N=r (dt = dO w2)
   const int64_t ps3 = packed_size<T>(d.q, d.p);   // w1[a] as K=q x N=p (dx = dt w1)
   const bool need_dt = dx || dw1;
-  const int64_t bm = batch_tile<T>(d, std::max({kq, d.k * d.p, d.l * d.s}), true);
+  const int64_t bm = batch_tile<T>(d, true);
   const int64_t ntiles = cdiv(d.B, bm);
-  Buffer<T> P1(d.k * ps1), P2(d.l * ps2), P3(dx ? d.k * ps3 : 0);
+  const Split<T> g1(d.k, d.q, nthreads), g2(d.l, d.r, nthreads), g3(d.k, d.p, nthreads);
+  Buffer<T> P1(d.k * ps1), P2(need_dt ? d.l * ps2 : 0), P3(dx ? d.k * ps3 : 0);
   Buffer<T> tbuf(bm * kq), dtbuf(need_dt ? bm * kq : 0);
-  // Per-item packing buffers for the weight-gradient GEMMs (K = tile rows, one NR panel).
-  Buffer<T> bpack(static_cast<int64_t>(nthreads) * bm * NR);
+  std::vector<Scratch<T>*> scratch(nthreads, nullptr);
+  struct Free { std::vector<Scratch<T>*>& v; ~Free() { for (auto* p : v) delete p; } } free_{scratch};
+  for (auto& sc : scratch) sc = new Scratch<T>(d, bm);
 
 #pragma omp parallel num_threads(nthreads)
   {
-    T* myb = bpack.ptr + omp_get_thread_num() * bm * NR;
+    Scratch<T>& sc = *scratch[omp_get_thread_num()];
 #pragma omp for schedule(static) nowait
     for (int64_t a = 0; a < d.k; ++a) pack_b<T>(d.p, d.q, w1 + a * d.q * d.p, 1, d.p, P1.ptr + a * ps1);
+    if (need_dt) {
 #pragma omp for schedule(static) nowait
-    for (int64_t c = 0; c < d.l; ++c) pack_b<T>(d.s, d.r, w2 + c * d.s * d.r, d.r, 1, P2.ptr + c * ps2);
+      for (int64_t c = 0; c < d.l; ++c) pack_b<T>(d.s, d.r, w2 + c * d.s * d.r, d.r, 1, P2.ptr + c * ps2);
+    }
     if (dx) {
 #pragma omp for schedule(static) nowait
       for (int64_t a = 0; a < d.k; ++a) pack_b<T>(d.q, d.p, w1 + a * d.q * d.p, d.p, 1, P3.ptr + a * ps3);
@@ -178,41 +205,48 @@ void bwd(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, const
       T* t = tbuf.ptr;
       T* dt = dtbuf.ptr;
 
-      // Stage 1: recompute t for this tile.
+      // Stage 1: recompute t for this tile (nothing but x, w1, w2 was saved).
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t it = 0; it < d.k * np1; ++it) {
-        const int64_t a = it / np1, jp = it % np1;
-        const int nr = static_cast<int>(std::min<int64_t>(NR, d.q - jp * NR));
-        gemm_panel<T>(mt, d.p, xt + a * d.p, ldx, 1, P1.ptr + a * ps1 + jp * NR * d.p,
-                      t + a * d.q + jp * NR, kq, 1, nr, false);
+      for (int64_t it = 0; it < g1.items(d.k); ++it) {
+        const int64_t a = it / g1.ngroup, j0 = (it % g1.ngroup) * g1.per;
+        pack_a<T>(mt, d.p, xt + a * d.p, ldx, 1, sc.a.ptr);
+        gemm_packed<T>(mt, d.q, d.p, sc.a.ptr, P1.ptr + a * ps1, j0, j0 + g1.per, t + a * d.q, kq,
+                       1, false);
       }
-      // Stage 2: item (c, panel of m).  dO[b, c, n] = dot[b*lddo + n*l + c] is read in place.
+      // Stage 2, item (c, group of m columns); dO_c[b, n] = dout[b, n*l + c] is packed in place.
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t it = 0; it < d.l * npr; ++it) {
-        const int64_t c = it / npr, jp = it % npr, m0 = jp * NR;
-        const int nr = static_cast<int>(std::min<int64_t>(NR, d.r - m0));
-        if (need_dt)  // dt[b, m*l + c] for m in the panel
-          gemm_panel<T>(mt, d.s, dot + c, lddo, d.l, P2.ptr + c * ps2 + m0 * d.s,
-                        dt + m0 * d.l + c, kq, d.l, nr, false);
-        if (dw2) {  // dw2[c, n, m] += sum_b dO[b, c, n] h[b, c, m]; pack h[:, c, panel] (K = b)
-          pack_b<T>(mt, nr, t + m0 * d.l + c, kq, d.l, myb);
-          gemm_panel<T>(d.s, mt, dot + c, d.l, lddo, myb, dw2 + c * d.s * d.r + m0, d.r, 1, nr,
-                        true);
+      for (int64_t it = 0; it < g2.items(d.l); ++it) {
+        const int64_t c = it / g2.ngroup, j0 = (it % g2.ngroup) * g2.per;
+        const int64_t j1 = std::min(j0 + g2.per, d.r);
+        if (j0 >= j1) continue;
+        if (need_dt) {  // dt[b, m*l + c] = sum_n dO_c[b, n] w2[c, n, m]
+          pack_a<T>(mt, d.s, dot + c, lddo, d.l, sc.a.ptr);
+          gemm_packed<T>(mt, d.r, d.s, sc.a.ptr, P2.ptr + c * ps2, j0, j1, dt + c, kq, d.l, false);
+        }
+        if (dw2) {  // dw2[c, n, m] += sum_b dO_c[b, n] h_c[b, m]:  A = dO_c^T, B = h_c[:, j0:j1]
+          pack_a<T>(d.s, mt, dot + c, d.l, lddo, sc.at.ptr);
+          pack_b<T>(mt, j1 - j0, t + j0 * d.l + c, kq, d.l, sc.b.ptr);
+          gemm_packed<T>(d.s, j1 - j0, mt, sc.at.ptr, sc.b.ptr, 0, j1 - j0, dw2 + c * d.s * d.r + j0,
+                         d.r, 1, true);
         }
       }
       if (!need_dt) continue;  // the loop above ended with a barrier
-      // Stage 3: item (a, panel of j).
+      // Stage 3, item (a, group of j columns).
 #pragma omp for schedule(dynamic, 1)
-      for (int64_t it = 0; it < d.k * npp; ++it) {
-        const int64_t a = it / npp, jp = it % npp, j0 = jp * NR;
-        const int nr = static_cast<int>(std::min<int64_t>(NR, d.p - j0));
-        if (dx)
-          gemm_panel<T>(mt, d.q, dt + a * d.q, kq, 1, P3.ptr + a * ps3 + j0 * d.q,
-                        dx + b0 * lddx + a * d.p + j0, lddx, 1, nr, false);
-        if (dw1) {  // dw1[a, i, j] += sum_b dt[b, a*q + i] x[b, a*p + j]
-          pack_b<T>(mt, nr, xt + a * d.p + j0, ldx, 1, myb);
-          gemm_panel<T>(d.q, mt, dt + a * d.q, 1, kq, myb, dw1 + a * d.q * d.p + j0, d.p, 1, nr,
-                        true);
+      for (int64_t it = 0; it < g3.items(d.k); ++it) {
+        const int64_t a = it / g3.ngroup, j0 = (it % g3.ngroup) * g3.per;
+        const int64_t j1 = std::min(j0 + g3.per, d.p);
+        if (j0 >= j1) continue;
+        if (dx) {  // dx[b, a*p + j] = sum_i dt[b, a*q + i] w1[a, i, j]
+          pack_a<T>(mt, d.q, dt + a * d.q, kq, 1, sc.a.ptr);
+          gemm_packed<T>(mt, d.p, d.q, sc.a.ptr, P3.ptr + a * ps3, j0, j1,
+                         dx + b0 * lddx + a * d.p, lddx, 1, false);
+        }
+        if (dw1) {  // dw1[a, i, j] += sum_b dt[b, a*q + i] x[b, a*p + j]:  A = dt_a^T, B = x_a
+          pack_a<T>(d.q, mt, dt + a * d.q, 1, kq, sc.at.ptr);
+          pack_b<T>(mt, j1 - j0, xt + a * d.p + j0, ldx, 1, sc.b.ptr);
+          gemm_packed<T>(d.q, j1 - j0, mt, sc.at.ptr, sc.b.ptr, 0, j1 - j0, dw1 + a * d.q * d.p + j0,
+                         d.p, 1, true);
         }
       }
     }

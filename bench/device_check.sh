@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Device check for kernelkit on a GPU machine without network: build with CUDA, run the CUDA and
+# Triton tests on the real GPU, run the Monarch benchmark, and write a summary.
+#
+# Run from the repository root:  OUT=/some/dir bash bench/device_check.sh
+# Everything goes under $OUT (default ./device-out), at most 7 files:
+#   env.log  build.log  tests.log  bench.log  monarch_cuda.csv  monarch_cuda.png  SUMMARY.md
+# Steps never abort the script; each one's exit code and seconds are in SUMMARY.md.  The whole run
+# is kept under BUDGET_S seconds (default 460): each step's timeout is cut to the time left.
+# Knobs: PYTHON (default python), BUDGET_S, BENCH_REPEATS (default 20), KERNELKIT_CUDA_ARCHS
+# (default: this card's compute capability), KERNELKIT_JOBS (default: nproc).
+set -euo pipefail
+
+OUT="${OUT:-./device-out}"
+PY="${PYTHON:-python}"
+BUDGET_S="${BUDGET_S:-460}"
+BENCH_REPEATS="${BENCH_REPEATS:-20}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+START=$(date +%s)
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET || true   # the Triton kernels must run on the GPU here
+
+declare -A RC SECS
+STEPS=()
+
+# step NAME LOG MAX_SECONDS CMD... : run CMD with a timeout, append its output to $OUT/LOG.
+step() {
+  local name=$1 log=$2 max=$3; shift 3
+  local left=$(( START + BUDGET_S - $(date +%s) - 15 ))
+  local limit=$(( max < left ? max : left ))
+  STEPS+=("$name")
+  if (( limit < 10 )); then
+    RC[$name]="skipped (time budget)"; SECS[$name]=0
+    echo "### $name: skipped, time budget of ${BUDGET_S}s spent" >> "$OUT/$log"
+    return 0
+  fi
+  echo "### $name (timeout ${limit}s): $*" >> "$OUT/$log"
+  local t0=$(date +%s) rc=0
+  timeout -k 10 "$limit" "$@" >> "$OUT/$log" 2>&1 || rc=$?
+  RC[$name]=$rc; SECS[$name]=$(( $(date +%s) - t0 ))
+  (( rc == 124 || rc == 137 )) && RC[$name]="$rc (timed out after ${limit}s)"
+  echo "### $name: exit ${RC[$name]} in ${SECS[$name]}s" >> "$OUT/$log"
+  return 0
+}
+
+# (a) machine and versions
+step env env.log 60 nvidia-smi
+step versions env.log 60 "$PY" -c '
+import sys, torch
+print("python", sys.version.split()[0]); print("torch", torch.__version__, "cuda", torch.version.cuda)
+print("gpu", torch.cuda.get_device_name() if torch.cuda.is_available() else "NONE")
+for m in ("triton", "pybind11", "setuptools", "pytest", "pytest_benchmark", "matplotlib", "numpy"):
+    try: print(m, __import__(m).__version__)
+    except Exception as e: print(m, "MISSING", e)'
+step nvcc env.log 30 bash -c 'command -v nvcc || ls /usr/local/cuda/bin/nvcc; (nvcc --version || /usr/local/cuda/bin/nvcc --version)'
+
+# (b) build with CUDA, offline (no build isolation: the build deps are already installed)
+CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n1 | tr -d '. ' || true)
+export KERNELKIT_CUDA_ARCHS="${KERNELKIT_CUDA_ARCHS:-${CAP:-80;90}}"
+export KERNELKIT_JOBS="${KERNELKIT_JOBS:-$(nproc)}"
+echo "KERNELKIT_CUDA_ARCHS=$KERNELKIT_CUDA_ARCHS KERNELKIT_JOBS=$KERNELKIT_JOBS" >> "$OUT/build.log"
+step build build.log 240 env KERNELKIT_BUILD_CUDA=1 "$PY" -m pip install --no-index --no-build-isolation --no-deps -v -e .
+step import build.log 60 "$PY" -c 'import kernelkit; print(kernelkit.backends("cuda"))'
+
+# (c) tests on the real GPU (failures are recorded, not fatal)
+step tests_cuda tests.log 120 "$PY" -m pytest tests -m cuda -q -x -p no:cacheprovider -rfEs
+step tests_triton tests.log 120 "$PY" -m pytest tests/test_monarch_triton.py -q -p no:cacheprovider -rfE
+
+# (d) benchmark
+step bench bench.log 240 "$PY" -m kernelkit.bench --family monarch --device cuda --out "$OUT" \
+  --repeats "$BENCH_REPEATS" --plot
+
+# (e) summary
+S="$OUT/SUMMARY.md"
+{
+  echo "# kernelkit device check"
+  echo
+  echo "- card: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -n1 || echo unknown)"
+  echo "- date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+  echo "- commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes)')"
+  echo "- KERNELKIT_CUDA_ARCHS=$KERNELKIT_CUDA_ARCHS, total $(( $(date +%s) - START ))s (budget ${BUDGET_S}s)"
+  echo "- $(grep -E '^(python|torch|triton) ' "$OUT/env.log" | tr '\n' ';' | sed 's/;$//; s/;/; /g')"
+  echo
+  echo "| step | exit code | seconds |"
+  echo "|---|---|---|"
+  for s in "${STEPS[@]}"; do echo "| $s | ${RC[$s]} | ${SECS[$s]} |"; done
+  echo
+  echo "## pytest"
+  echo '```'
+  grep -E '^(=+ )?[0-9]+ (passed|failed|skipped|error|errors|deselected)|no tests ran|^(FAILED|ERROR) ' "$OUT/tests.log" | head -n 40 || echo "(no pytest summary line found)"
+  echo '```'
+  if [[ "${RC[build]}" != "0" ]]; then
+    echo
+    echo "## build (last 40 lines)"
+    echo '```'
+    tail -n 40 "$OUT/build.log"
+    echo '```'
+  fi
+  echo
+  echo "## bench"
+  echo '```'
+  sed -n '/^== kernelkit bench results/,$p' "$OUT/bench.log" | grep -v '^###' || true
+  grep -q '^== kernelkit bench results' "$OUT/bench.log" || tail -n 40 "$OUT/bench.log"
+  echo '```'
+} > "$S"
+cat "$S"
+
+for s in "${STEPS[@]}"; do [[ "${RC[$s]}" == "0" ]] || exit 1; done
+exit 0
