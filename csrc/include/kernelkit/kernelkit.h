@@ -97,7 +97,8 @@ KK_API kk_status kk_monarch_bwd_cpu(kk_dtype dtype, int64_t batch, int64_t k, in
 
 /* CUDA versions (libkernelkit_cuda).  dtypes: KK_FLOAT32, KK_FLOAT16, KK_BFLOAT16, accumulation
  * in float32.  The backward needs a device workspace of kk_monarch_bwd_cuda_workspace_size()
- * bytes (may be 0, then workspace may be NULL); the caller owns it. */
+ * bytes (may be 0, then workspace may be NULL), 16-byte aligned (cudaMalloc/torch allocations are);
+ * the caller owns it. */
 KK_API kk_status kk_monarch_fwd_cuda(kk_dtype dtype, int64_t batch, int64_t k, int64_t q, int64_t p,
                                      int64_t l, int64_t s, int64_t r, const void* x, int64_t ldx,
                                      const void* w1, const void* w2, void* out, int64_t ldo,
