@@ -22,6 +22,7 @@ SHAPES = [
     (4, 25, 25, 4, 10, 25),     # MonarchLinear(100 -> 37, nb4)
     (4, 33, 17, 4, 33, 33),
     (16, 8, 8, 16, 12, 8),      # many small blocks (nb16)
+    (16, 48, 48, 16, 48, 48),   # N = 48: the narrow (NV = 1) micro-tile in every stage
     (1, 2, 3, 2, 3, 1),
 ]
 BATCHES = [0, 1, 37, 300]

@@ -140,3 +140,12 @@ def test_replace_linear_swaps_matching_layers():
     assert model(x).shape == (5, 2)
     with pytest.raises(TypeError, match="parent module"):
         kernelkit.nn.replace_linear(nn.Linear(8, 8))
+
+
+def test_example_monarch_mlp_runs_and_fine_tuning_helps(capsys):
+    from kernelkit.examples import monarch_mlp
+    assert monarch_mlp.main(["--width", "32", "--steps", "30", "--batch", "128", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    losses = {line.split(":")[0].strip(): float(line.split("loss ")[1].split(",")[0]) for line in out.splitlines()
+              if "loss " in line}
+    assert losses["monarch, tuned"] < losses["monarch, projected"]

@@ -26,21 +26,32 @@ constexpr int kVecBytes = 32;
 constexpr int kVecBytes = 16;
 #endif
 
-template <typename T>
+// Register tile of the micro-kernel: MR rows x NV vectors.  NV = 2 is the main shape; NV = 1 (a
+// taller, narrower tile) serves GEMMs whose N leaves half a wide panel empty (N = 48 = 32 + 16 with
+// 16-lane vectors), which small Monarch blocks hit in every stage.
+template <typename T, int NV_ = 2>
 struct Tile {
   typedef T vec __attribute__((vector_size(kVecBytes)));
   static constexpr int VL = kVecBytes / sizeof(T);  // lanes per vector
-  static constexpr int NV = 2;                        // vectors per row of the micro-tile
+  static constexpr int NV = NV_;                      // vectors per row of the micro-tile
   static constexpr int NR = VL * NV;                  // columns per B panel
   // Rows per micro-tile: MR*NV accumulators + NV B vectors + 1 broadcast must fit the register
   // file (32 zmm with AVX-512, 16 ymm/xmm otherwise).
-  static constexpr int MR = kVecBytes == 64 ? 12 : 6;
+  static constexpr int MR = kVecBytes == 64 ? (NV == 2 ? 12 : 24) : (NV == 2 ? 6 : 12);
 };
 
-// Packs B (K x N, element (kk, j) at src[kk*rs_k + j*cs_n]) into ceil(N/NR) panels, each K x NR.
+// The tile width for an N-column output: the narrow tile when a wide one would waste more lanes.
 template <typename T>
+inline bool use_narrow(int64_t N) {
+  constexpr int VL = Tile<T>::VL;
+  const int64_t rem = N % (2 * VL);
+  return rem != 0 && rem <= VL;
+}
+
+// Packs B (K x N, element (kk, j) at src[kk*rs_k + j*cs_n]) into ceil(N/NR) panels, each K x NR.
+template <typename T, int NV>
 inline void pack_b(int64_t K, int64_t N, const T* src, int64_t rs_k, int64_t cs_n, T* dst) {
-  constexpr int NR = Tile<T>::NR;
+  constexpr int NR = Tile<T, NV>::NR;
   for (int64_t j0 = 0; j0 < N; j0 += NR) {
     const int64_t nr = N - j0 < NR ? N - j0 : NR;
     T* panel = dst + j0 * K;  // panel j0/NR starts at (j0/NR) * K * NR
@@ -54,16 +65,16 @@ inline void pack_b(int64_t K, int64_t N, const T* src, int64_t rs_k, int64_t cs_
   }
 }
 
-template <typename T>
+template <typename T, int NV>
 inline int64_t packed_size(int64_t K, int64_t N) {
-  constexpr int NR = Tile<T>::NR;
+  constexpr int NR = Tile<T, NV>::NR;
   return ((N + NR - 1) / NR) * NR * K;
 }
 
 // Packs A (M x K, element (i, kk) at src[i*rs_m + kk*cs_k]) into ceil(M/MR) panels, each K x MR.
-template <typename T>
+template <typename T, int NV>
 inline void pack_a(int64_t M, int64_t K, const T* src, int64_t rs_m, int64_t cs_k, T* dst) {
-  constexpr int MR = Tile<T>::MR;
+  constexpr int MR = Tile<T, NV>::MR;
   for (int64_t i0 = 0; i0 < M; i0 += MR) {
     const int64_t mr = M - i0 < MR ? M - i0 : MR;
     T* panel = dst + i0 * K;
@@ -80,20 +91,20 @@ inline void pack_a(int64_t M, int64_t K, const T* src, int64_t rs_m, int64_t cs_
   }
 }
 
-template <typename T>
+template <typename T, int NV>
 inline int64_t packed_a_size(int64_t M, int64_t K) {
-  constexpr int MR = Tile<T>::MR;
+  constexpr int MR = Tile<T, NV>::MR;
   return ((M + MR - 1) / MR) * MR * K;
 }
 
 // One MR x NR micro-tile: C[0:mr, 0:nr] (+)= Apanel (K x MR) * Bpanel (K x NR).
-template <typename T>
+template <typename T, int NV>
 inline void micro_kernel(int64_t K, const T* __restrict__ ap, const T* __restrict__ bp, T* C,
                          int64_t c_rs, int64_t c_cs, int mr, int nr, bool accumulate) {
-  using V = typename Tile<T>::vec;
-  constexpr int MR = Tile<T>::MR, NV = Tile<T>::NV, VL = Tile<T>::VL, NR = Tile<T>::NR;
+  using V = typename Tile<T, NV>::vec;
+  constexpr int MR = Tile<T, NV>::MR, VL = Tile<T, NV>::VL, NR = Tile<T, NV>::NR;
   V acc[MR][NV];
-#pragma GCC unroll 16
+#pragma GCC unroll 32
   for (int i = 0; i < MR; ++i)
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) acc[i][v] = V{};
@@ -103,7 +114,7 @@ inline void micro_kernel(int64_t K, const T* __restrict__ ap, const T* __restric
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) std::memcpy(&b[v], bp + kk * NR + v * VL, sizeof(V));
     const T* a = ap + kk * MR;
-#pragma GCC unroll 16
+#pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) {
       const T ai = a[i];
 #pragma GCC unroll 4
@@ -142,15 +153,15 @@ inline void micro_kernel(int64_t K, const T* __restrict__ ap, const T* __restric
 
 // C[0:M, 0:N] (+)= A * B for packed A (all M rows) and packed B panels [j0/NR, j1/NR) of N.
 // Panel-outer order: one B panel (K x NR) stays in L1/L2 while all A panels stream past it.
-template <typename T>
+template <typename T, int NV>
 inline void gemm_packed(int64_t M, int64_t N, int64_t K, const T* ap, const T* bp, int64_t j0,
                         int64_t j1, T* C, int64_t c_rs, int64_t c_cs, bool accumulate) {
-  constexpr int MR = Tile<T>::MR, NR = Tile<T>::NR;
+  constexpr int MR = Tile<T, NV>::MR, NR = Tile<T, NV>::NR;
   for (int64_t j = j0; j < j1 && j < N; j += NR) {
     const int nr = static_cast<int>(N - j < NR ? N - j : NR);
     for (int64_t i0 = 0; i0 < M; i0 += MR) {
       const int mr = static_cast<int>(M - i0 < MR ? M - i0 : MR);
-      micro_kernel<T>(K, ap + i0 * K, bp + j * K, C + i0 * c_rs + j * c_cs, c_rs, c_cs, mr, nr,
+      micro_kernel<T, NV>(K, ap + i0 * K, bp + j * K, C + i0 * c_rs + j * c_cs, c_rs, c_cs, mr, nr,
                       accumulate);
     }
   }

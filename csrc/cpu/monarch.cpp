@@ -30,6 +30,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "gemm.h"
@@ -66,93 +67,195 @@ inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 template <typename T>
 int64_t batch_tile(const Dims& d, bool backward) {
   constexpr int MR = Tile<T>::MR;
-  const int64_t budget = (backward ? 4096 : 1024) * 1024;  // bytes for the t tile
+  const int64_t budget = (backward ? 2048 : 1024) * 1024;  // bytes for the t tile
   int64_t bm = budget / (std::max<int64_t>(d.kq(), 1) * static_cast<int64_t>(sizeof(T)));
   bm = std::min<int64_t>(std::max<int64_t>(bm, 4 * MR), 512) / MR * MR;
   return std::min(bm, std::max<int64_t>(d.B, 1));
 }
 
+// Runs f with the micro-kernel width (std::integral_constant NV = 1 or 2) chosen for N columns.
+template <typename T, typename F>
+inline void with_tile(bool narrow, F&& f) {
+  if (narrow)
+    f(std::integral_constant<int, 1>{});
+  else
+    f(std::integral_constant<int, 2>{});
+}
+
+template <typename T>
+inline int64_t nr_of(bool narrow) { return narrow ? Tile<T, 1>::NR : Tile<T, 2>::NR; }
+
+// A weight packed once per call as the B operand (K x N) of one stage, in the tile width that
+// suits N.
+template <typename T>
+struct PackedWeight {
+  bool narrow;
+  int64_t per_block;  // elements per block
+  Buffer<T> buf;
+  PackedWeight(int64_t nblk, int64_t K, int64_t N, bool needed)
+      : narrow(use_narrow<T>(N)),
+        per_block(narrow ? packed_size<T, 1>(K, N) : packed_size<T, 2>(K, N)),
+        buf(needed ? nblk * per_block : 0) {}
+  // Packs block `blk` whose element (kk, j) is src[kk*rs_k + j*cs_n].
+  void pack(int64_t blk, int64_t K, int64_t N, const T* src, int64_t rs_k, int64_t cs_n) {
+    with_tile<T>(narrow, [&](auto nv) {
+      pack_b<T, decltype(nv)::value>(K, N, src, rs_k, cs_n, buf.ptr + blk * per_block);
+    });
+  }
+  const T* block(int64_t blk) const { return buf.ptr + blk * per_block; }
+};
+
 // Work items of one stage: `nblk` blocks x `ngroup` groups of column panels of an N-wide output.
 // Groups exist so that a few big blocks still give every thread work at small batch.
-template <typename T>
 struct Split {
-  int64_t ngroup, per;  // groups per block, columns per group (a multiple of NR)
-  Split(int64_t nblk, int64_t N, int64_t workers) {
-    constexpr int NR = Tile<T>::NR;
-    const int64_t npan = cdiv(N, NR);
+  int64_t ngroup, per;  // groups per block, columns per group (a multiple of the panel width)
+  Split(int64_t nblk, int64_t N, int64_t nr, int64_t workers) {
+    const int64_t npan = cdiv(N, nr);
     ngroup = std::min(std::max<int64_t>(cdiv(2 * workers, nblk), 1), npan);
-    per = cdiv(npan, ngroup) * NR;
+    per = cdiv(npan, ngroup) * nr;
   }
   int64_t items(int64_t nblk) const { return nblk * ngroup; }
 };
 
-// Per-thread packing scratch.
+// Per-thread packing scratch, sized for either tile width.
 template <typename T>
 struct Scratch {
   Buffer<T> a, at, b;
+  static int64_t asz(int64_t M, int64_t K) {
+    return std::max(packed_a_size<T, 1>(M, K), packed_a_size<T, 2>(M, K));
+  }
   Scratch(const Dims& d, int64_t bm)
-      : a(packed_a_size<T>(bm, std::max({d.p, d.q, d.r, d.s}))),
-        at(packed_a_size<T>(std::max(d.s, d.q), bm)),
-        b(packed_size<T>(bm, std::max(d.r, d.p))) {}
+      : a(asz(bm, std::max({d.p, d.q, d.r, d.s}))),
+        at(asz(std::max(d.s, d.q), bm)),
+        b(std::max(packed_size<T, 1>(bm, std::max(d.r, d.p)), packed_size<T, 2>(bm, std::max(d.r, d.p)))) {}
 };
+
+// The Monarch permutations, applied to one batch tile of rows [b0, b1) at a time:
+//   to_blocks:   blk[c][b][m] = rows[b*ld + m*l + c]     (mt, w, l) -> (l, mt, w)
+//   from_blocks: rows[b*ld + m*l + c] = blk[c][b][m]
+// One streaming pass each.  Reading the permuted operands in place instead (stride l) touches a
+// new cache line per element once l >= 16, and every block c touches them all again.
+template <typename T>
+inline void to_blocks(const T* rows, int64_t ld, int64_t mt, int64_t l, int64_t w, T* blk,
+                      int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const T* row = rows + b * ld;
+    for (int64_t c = 0; c < l; ++c) {
+      T* dst = blk + (c * mt + b) * w;
+      for (int64_t m = 0; m < w; ++m) dst[m] = row[m * l + c];
+    }
+  }
+}
+
+template <typename T>
+inline void from_blocks(const T* blk, int64_t mt, int64_t l, int64_t w, T* rows, int64_t ld,
+                        int64_t b0, int64_t b1) {
+  for (int64_t b = b0; b < b1; ++b) {
+    T* row = rows + b * ld;
+    for (int64_t c = 0; c < l; ++c) {
+      const T* src = blk + (c * mt + b) * w;
+      for (int64_t m = 0; m < w; ++m) row[m * l + c] = src[m];
+    }
+  }
+}
+
+// Rows [b0, b1) of `mt` for thread `tid` of `nt` (static split, used inside parallel regions).
+inline void row_range(int64_t mt, int tid, int nt, int64_t* b0, int64_t* b1) {
+  const int64_t per = cdiv(mt, nt);
+  *b0 = std::min(mt, tid * per);
+  *b1 = std::min(mt, *b0 + per);
+}
+
+// C = A B with A (M x K) packed from (src, rs_m, cs_k) and a packed weight's block, columns [j0, j1).
+template <typename T>
+inline void gemm_weight(const PackedWeight<T>& w, int64_t blk, int64_t M, int64_t N, int64_t K,
+                        const T* a_src, int64_t rs_m, int64_t cs_k, T* abuf, int64_t j0, int64_t j1,
+                        T* C, int64_t c_rs, int64_t c_cs) {
+  with_tile<T>(w.narrow, [&](auto nv) {
+    constexpr int NV = decltype(nv)::value;
+    pack_a<T, NV>(M, K, a_src, rs_m, cs_k, abuf);
+    gemm_packed<T, NV>(M, N, K, abuf, w.block(blk), j0, j1, C, c_rs, c_cs, false);
+  });
+}
+
+// C (M x n) += A B over the tile's rows (K = rows): A^T and B both packed from activations.
+template <typename T>
+inline void gemm_grad(bool narrow, int64_t M, int64_t n, int64_t K, const T* a_src, int64_t rs_m,
+                      int64_t cs_k, const T* b_src, int64_t rs_k, int64_t cs_n, Scratch<T>& sc, T* C,
+                      int64_t c_rs) {
+  with_tile<T>(narrow, [&](auto nv) {
+    constexpr int NV = decltype(nv)::value;
+    pack_a<T, NV>(M, K, a_src, rs_m, cs_k, sc.at.ptr);
+    pack_b<T, NV>(K, n, b_src, rs_k, cs_n, sc.b.ptr);
+    gemm_packed<T, NV>(M, n, K, sc.at.ptr, sc.b.ptr, 0, n, C, c_rs, 1, true);
+  });
+}
 
 template <typename T>
 void fwd(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, T* out, int64_t ldo,
          int nthreads) {
   const int64_t kq = d.kq();
-  const int64_t ps1 = packed_size<T>(d.p, d.q), ps2 = packed_size<T>(d.r, d.s);
-  Buffer<T> P1(d.k * ps1), P2(d.l * ps2);
+  // w1[a] as B = (K=p) x (N=q), element (j, i) = w1[a, i, j]; w2[c] as (K=r) x (N=s).
+  PackedWeight<T> P1(d.k, d.p, d.q, true), P2(d.l, d.r, d.s, true);
   const int64_t bm = batch_tile<T>(d, false);
   const int64_t ntiles = cdiv(d.B, bm);
   // Many tiles: each thread owns whole tiles (no barriers).  Few: threads share a tile's items.
   const bool tile_parallel = ntiles >= 2 * static_cast<int64_t>(nthreads);
   const int64_t workers = tile_parallel ? 1 : nthreads;
-  const Split<T> g1(d.k, d.q, workers), g2(d.l, d.s, workers);
-  Buffer<T> tbuf((tile_parallel ? nthreads : 1) * bm * kq);
+  const Split g1(d.k, d.q, nr_of<T>(P1.narrow), workers), g2(d.l, d.s, nr_of<T>(P2.narrow), workers);
+  // Per tile: t (natural rows), h = t in block layout (l, mt, r), o = output blocks (l, mt, s).
+  const int64_t tsz = bm * kq, osz = bm * d.l * d.s, nbuf = tile_parallel ? nthreads : 1;
+  Buffer<T> tbuf(nbuf * tsz), hbuf(nbuf * tsz), obuf(nbuf * osz);
   std::vector<Scratch<T>*> scratch(nthreads, nullptr);
   struct Free { std::vector<Scratch<T>*>& v; ~Free() { for (auto* p : v) delete p; } } free_{scratch};
   for (auto& sc : scratch) sc = new Scratch<T>(d, bm);
 
 #pragma omp parallel num_threads(nthreads)
   {
-    // Pack weights: w1[a] as B = (K=p) x (N=q), element (j, i) = w1[a, i, j]; w2[c] as r x s.
 #pragma omp for schedule(static) nowait
-    for (int64_t a = 0; a < d.k; ++a) pack_b<T>(d.p, d.q, w1 + a * d.q * d.p, 1, d.p, P1.ptr + a * ps1);
+    for (int64_t a = 0; a < d.k; ++a) P1.pack(a, d.p, d.q, w1 + a * d.q * d.p, 1, d.p);
 #pragma omp for schedule(static)
-    for (int64_t c = 0; c < d.l; ++c) pack_b<T>(d.r, d.s, w2 + c * d.s * d.r, 1, d.r, P2.ptr + c * ps2);
-    Scratch<T>& sc = *scratch[omp_get_thread_num()];
+    for (int64_t c = 0; c < d.l; ++c) P2.pack(c, d.r, d.s, w2 + c * d.s * d.r, 1, d.r);
+    const int tid = omp_get_thread_num();
+    Scratch<T>& sc = *scratch[tid];
 
     // Stage 1, item (a, group): t[:, a*q + cols] = x[:, a*p : a*p + p] w1[a]^T
     auto stage1 = [&](int64_t b0, int64_t mt, T* t, int64_t it) {
       const int64_t a = it / g1.ngroup, j0 = (it % g1.ngroup) * g1.per;
-      pack_a<T>(mt, d.p, x + b0 * ldx + a * d.p, ldx, 1, sc.a.ptr);
-      gemm_packed<T>(mt, d.q, d.p, sc.a.ptr, P1.ptr + a * ps1, j0, j0 + g1.per, t + a * d.q, kq, 1,
-                     false);
+      gemm_weight<T>(P1, a, mt, d.q, d.p, x + b0 * ldx + a * d.p, ldx, 1, sc.a.ptr, j0,
+                     j0 + g1.per, t + a * d.q, kq, 1);
     };
-    // Stage 2, item (c, group): out[:, n*l + c] = h_c w2[c]^T, with h_c = t[:, c::l] (P1 folded
-    // into the packing strides, P2 into the output column stride l).
-    auto stage2 = [&](int64_t b0, int64_t mt, const T* t, int64_t it) {
+    // Stage 2, item (c, group): o[c] = h[c] w2[c]^T  (h[c][b][m] = t[b, m*l + c], P1)
+    auto stage2 = [&](int64_t mt, const T* h, T* o, int64_t it) {
       const int64_t c = it / g2.ngroup, j0 = (it % g2.ngroup) * g2.per;
-      pack_a<T>(mt, d.r, t + c, kq, d.l, sc.a.ptr);
-      gemm_packed<T>(mt, d.s, d.r, sc.a.ptr, P2.ptr + c * ps2, j0, j0 + g2.per,
-                     out + b0 * ldo + c, ldo, d.l, false);
+      gemm_weight<T>(P2, c, mt, d.s, d.r, h + c * mt * d.r, d.r, 1, sc.a.ptr, j0, j0 + g2.per,
+                     o + c * mt * d.s, d.s, 1);
     };
 
     if (tile_parallel) {
-      T* t = tbuf.ptr + omp_get_thread_num() * bm * kq;
+      T *t = tbuf.ptr + tid * tsz, *h = hbuf.ptr + tid * tsz, *o = obuf.ptr + tid * osz;
 #pragma omp for schedule(dynamic, 1)
       for (int64_t tile = 0; tile < ntiles; ++tile) {
         const int64_t b0 = tile * bm, mt = std::min(bm, d.B - b0);
         for (int64_t it = 0; it < g1.items(d.k); ++it) stage1(b0, mt, t, it);
-        for (int64_t it = 0; it < g2.items(d.l); ++it) stage2(b0, mt, t, it);
+        to_blocks<T>(t, kq, mt, d.l, d.r, h, 0, mt);
+        for (int64_t it = 0; it < g2.items(d.l); ++it) stage2(mt, h, o, it);
+        from_blocks<T>(o, mt, d.l, d.s, out + b0 * ldo, ldo, 0, mt);  // P2: out[b, n*l + c]
       }
     } else {
+      const int nt = omp_get_num_threads();
       for (int64_t tile = 0; tile < ntiles; ++tile) {
         const int64_t b0 = tile * bm, mt = std::min(bm, d.B - b0);
+        int64_t r0, r1;
+        row_range(mt, tid, nt, &r0, &r1);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < g1.items(d.k); ++it) stage1(b0, mt, tbuf.ptr, it);
+        to_blocks<T>(tbuf.ptr, kq, mt, d.l, d.r, hbuf.ptr, r0, r1);
+#pragma omp barrier
 #pragma omp for schedule(dynamic, 1)
-        for (int64_t it = 0; it < g2.items(d.l); ++it) stage2(b0, mt, tbuf.ptr, it);
+        for (int64_t it = 0; it < g2.items(d.l); ++it) stage2(mt, hbuf.ptr, obuf.ptr, it);
+        from_blocks<T>(obuf.ptr, mt, d.l, d.s, out + b0 * ldo, ldo, r0, r1);
+#pragma omp barrier
       }
     }
   }
@@ -162,31 +265,35 @@ template <typename T>
 void bwd(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, const T* dout,
          int64_t lddo, T* dx, int64_t lddx, T* dw1, T* dw2, int nthreads) {
   const int64_t kq = d.kq();
-  const int64_t ps1 = packed_size<T>(d.p, d.q);   // w1[a] as K=p x N=q (recompute t)
-  const int64_t ps2 = packed_size<T>(d.s, d.r);   // w2[c] as K=s x N=r (dt = dO w2)
-  const int64_t ps3 = packed_size<T>(d.q, d.p);   // w1[a] as K=q x N=p (dx = dt w1)
   const bool need_dt = dx || dw1;
+  PackedWeight<T> P1(d.k, d.p, d.q, true);      // w1[a] as K=p x N=q (recompute t)
+  PackedWeight<T> P2(d.l, d.s, d.r, need_dt);   // w2[c] as K=s x N=r (dt = dO w2)
+  PackedWeight<T> P3(d.k, d.q, d.p, dx);        // w1[a] as K=q x N=p (dx = dt w1)
   const int64_t bm = batch_tile<T>(d, true);
   const int64_t ntiles = cdiv(d.B, bm);
-  const Split<T> g1(d.k, d.q, nthreads), g2(d.l, d.r, nthreads), g3(d.k, d.p, nthreads);
-  Buffer<T> P1(d.k * ps1), P2(need_dt ? d.l * ps2 : 0), P3(dx ? d.k * ps3 : 0);
-  Buffer<T> tbuf(bm * kq), dtbuf(need_dt ? bm * kq : 0);
+  const Split g1(d.k, d.q, nr_of<T>(P1.narrow), nthreads), g2(d.l, d.r, nr_of<T>(P2.narrow), nthreads),
+      g3(d.k, d.p, nr_of<T>(P3.narrow), nthreads);
+  // Per tile: t (natural rows), h = t in blocks (l, mt, r), dO = dout in blocks (l, mt, s),
+  // dh = dt in blocks (l, mt, r), dt (natural rows, what stage 3 reads).
+  const int64_t tsz = bm * kq, osz = bm * d.l * d.s;
+  Buffer<T> tbuf(tsz), hbuf(tsz), dobuf(osz), dhbuf(need_dt ? tsz : 0), dtbuf(need_dt ? tsz : 0);
   std::vector<Scratch<T>*> scratch(nthreads, nullptr);
   struct Free { std::vector<Scratch<T>*>& v; ~Free() { for (auto* p : v) delete p; } } free_{scratch};
   for (auto& sc : scratch) sc = new Scratch<T>(d, bm);
 
 #pragma omp parallel num_threads(nthreads)
   {
-    Scratch<T>& sc = *scratch[omp_get_thread_num()];
+    const int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+    Scratch<T>& sc = *scratch[tid];
 #pragma omp for schedule(static) nowait
-    for (int64_t a = 0; a < d.k; ++a) pack_b<T>(d.p, d.q, w1 + a * d.q * d.p, 1, d.p, P1.ptr + a * ps1);
+    for (int64_t a = 0; a < d.k; ++a) P1.pack(a, d.p, d.q, w1 + a * d.q * d.p, 1, d.p);
     if (need_dt) {
 #pragma omp for schedule(static) nowait
-      for (int64_t c = 0; c < d.l; ++c) pack_b<T>(d.s, d.r, w2 + c * d.s * d.r, d.r, 1, P2.ptr + c * ps2);
+      for (int64_t c = 0; c < d.l; ++c) P2.pack(c, d.s, d.r, w2 + c * d.s * d.r, d.r, 1);
     }
     if (dx) {
 #pragma omp for schedule(static) nowait
-      for (int64_t a = 0; a < d.k; ++a) pack_b<T>(d.q, d.p, w1 + a * d.q * d.p, d.p, 1, P3.ptr + a * ps3);
+      for (int64_t a = 0; a < d.k; ++a) P3.pack(a, d.q, d.p, w1 + a * d.q * d.p, d.p, 1);
     }
     if (dw1) {
 #pragma omp for schedule(static) nowait
@@ -201,53 +308,49 @@ void bwd(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, const
     for (int64_t tile = 0; tile < ntiles; ++tile) {
       const int64_t b0 = tile * bm, mt = std::min(bm, d.B - b0);
       const T* xt = x + b0 * ldx;
-      const T* dot = dout + b0 * lddo;
-      T* t = tbuf.ptr;
-      T* dt = dtbuf.ptr;
+      int64_t r0, r1;
+      row_range(mt, tid, nt, &r0, &r1);
+      T *t = tbuf.ptr, *h = hbuf.ptr, *dO = dobuf.ptr, *dh = dhbuf.ptr, *dt = dtbuf.ptr;
 
       // Stage 1: recompute t for this tile (nothing but x, w1, w2 was saved).
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < g1.items(d.k); ++it) {
         const int64_t a = it / g1.ngroup, j0 = (it % g1.ngroup) * g1.per;
-        pack_a<T>(mt, d.p, xt + a * d.p, ldx, 1, sc.a.ptr);
-        gemm_packed<T>(mt, d.q, d.p, sc.a.ptr, P1.ptr + a * ps1, j0, j0 + g1.per, t + a * d.q, kq,
-                       1, false);
+        gemm_weight<T>(P1, a, mt, d.q, d.p, xt + a * d.p, ldx, 1, sc.a.ptr, j0, j0 + g1.per,
+                       t + a * d.q, kq, 1);
       }
-      // Stage 2, item (c, group of m columns); dO_c[b, n] = dout[b, n*l + c] is packed in place.
+      // Block layouts: h[c][b][m] = t[b, m*l + c] (P1), dO[c][b][n] = dout[b, n*l + c] (P2^T).
+      if (dw2) to_blocks<T>(t, kq, mt, d.l, d.r, h, r0, r1);
+      to_blocks<T>(dout + b0 * lddo, lddo, mt, d.l, d.s, dO, r0, r1);
+#pragma omp barrier
+      // Stage 2, item (c, group of m columns).
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < g2.items(d.l); ++it) {
         const int64_t c = it / g2.ngroup, j0 = (it % g2.ngroup) * g2.per;
         const int64_t j1 = std::min(j0 + g2.per, d.r);
         if (j0 >= j1) continue;
-        if (need_dt) {  // dt[b, m*l + c] = sum_n dO_c[b, n] w2[c, n, m]
-          pack_a<T>(mt, d.s, dot + c, lddo, d.l, sc.a.ptr);
-          gemm_packed<T>(mt, d.r, d.s, sc.a.ptr, P2.ptr + c * ps2, j0, j1, dt + c, kq, d.l, false);
-        }
-        if (dw2) {  // dw2[c, n, m] += sum_b dO_c[b, n] h_c[b, m]:  A = dO_c^T, B = h_c[:, j0:j1]
-          pack_a<T>(d.s, mt, dot + c, d.l, lddo, sc.at.ptr);
-          pack_b<T>(mt, j1 - j0, t + j0 * d.l + c, kq, d.l, sc.b.ptr);
-          gemm_packed<T>(d.s, j1 - j0, mt, sc.at.ptr, sc.b.ptr, 0, j1 - j0, dw2 + c * d.s * d.r + j0,
-                         d.r, 1, true);
-        }
+        const T* dOc = dO + c * mt * d.s;
+        if (need_dt)  // dh[c][b][m] = sum_n dO[c][b][n] w2[c, n, m]
+          gemm_weight<T>(P2, c, mt, d.r, d.s, dOc, d.s, 1, sc.a.ptr, j0, j1, dh + c * mt * d.r, d.r, 1);
+        if (dw2)  // dw2[c, n, m] += sum_b dO[c][b][n] h[c][b][m]:  A = dO[c]^T, B = h[c][:, j0:j1]
+          gemm_grad<T>(use_narrow<T>(d.r), d.s, j1 - j0, mt, dOc, 1, d.s, h + c * mt * d.r + j0, d.r,
+                       1, sc, dw2 + c * d.s * d.r + j0, d.r);
       }
       if (!need_dt) continue;  // the loop above ended with a barrier
+      from_blocks<T>(dh, mt, d.l, d.r, dt, kq, r0, r1);  // dt[b, m*l + c] = dh[c][b][m]
+#pragma omp barrier
       // Stage 3, item (a, group of j columns).
 #pragma omp for schedule(dynamic, 1)
       for (int64_t it = 0; it < g3.items(d.k); ++it) {
         const int64_t a = it / g3.ngroup, j0 = (it % g3.ngroup) * g3.per;
         const int64_t j1 = std::min(j0 + g3.per, d.p);
         if (j0 >= j1) continue;
-        if (dx) {  // dx[b, a*p + j] = sum_i dt[b, a*q + i] w1[a, i, j]
-          pack_a<T>(mt, d.q, dt + a * d.q, kq, 1, sc.a.ptr);
-          gemm_packed<T>(mt, d.p, d.q, sc.a.ptr, P3.ptr + a * ps3, j0, j1,
-                         dx + b0 * lddx + a * d.p, lddx, 1, false);
-        }
-        if (dw1) {  // dw1[a, i, j] += sum_b dt[b, a*q + i] x[b, a*p + j]:  A = dt_a^T, B = x_a
-          pack_a<T>(d.q, mt, dt + a * d.q, 1, kq, sc.at.ptr);
-          pack_b<T>(mt, j1 - j0, xt + a * d.p + j0, ldx, 1, sc.b.ptr);
-          gemm_packed<T>(d.q, j1 - j0, mt, sc.at.ptr, sc.b.ptr, 0, j1 - j0, dw1 + a * d.q * d.p + j0,
-                         d.p, 1, true);
-        }
+        if (dx)  // dx[b, a*p + j] = sum_i dt[b, a*q + i] w1[a, i, j]
+          gemm_weight<T>(P3, a, mt, d.p, d.q, dt + a * d.q, kq, 1, sc.a.ptr, j0, j1,
+                         dx + b0 * lddx + a * d.p, lddx, 1);
+        if (dw1)  // dw1[a, i, j] += sum_b dt[b, a*q + i] x[b, a*p + j]:  A = dt_a^T, B = x_a
+          gemm_grad<T>(use_narrow<T>(d.p), d.q, j1 - j0, mt, dt + a * d.q, 1, kq, xt + a * d.p + j0,
+                       ldx, 1, sc, dw1 + a * d.q * d.p + j0, d.p);
       }
     }
   }
