@@ -68,14 +68,22 @@ def test_monarch_fwd_bwd_match_reference(poison, shape, batch, dtype, backend):
 def test_monarch_cpu_every_isa_variant_matches_reference(poison, monkeypatch, isa):
     """The CPU kernels are compiled once per ISA; KERNELKIT_CPU_ISA caps the one used."""
     monkeypatch.setenv("KERNELKIT_CPU_ISA", isa)
-    for shape in SHAPES[:5]:
-        x, w1, w2, dout = _factors(shape, torch.float32, batch=53)
+    for shape, batch in [(sh, b) for sh in SHAPES[:5] for b in (2, 53)]:  # small-batch and tiled paths
+        x, w1, w2, dout = _factors(shape, torch.float32, batch=batch)
         xs, w1s, w2s = (t.clone().requires_grad_() for t in (x, w1, w2))
         out = monarch_matmul(xs, w1s, w2s, backend="cpu")
         out.backward(dout)
         ref, grads = _ref_grads(x, w1, w2, dout)
         for got, want, what in zip((out, xs.grad, w1s.grad, w2s.grad), (ref, *grads), ("out", "dx", "dw1", "dw2")):
             assert_close(got, want, torch.float32, f"{isa} {shape} {what}")
+
+
+def test_monarch_cpu_small_batch_path_on_long_rows(poison):
+    """B <= 8 with rows >= 128 long takes the unpacked dot-product forward."""
+    shape = (4, 130, 129, 5, 128, 104)
+    for batch in (1, 5, 8, 9):
+        x, w1, w2, _ = _factors(shape, torch.float64, batch=batch)
+        assert_close(monarch_matmul(x, w1, w2, backend="cpu"), monarch_reference(x, w1, w2), torch.float64, f"B={batch}")
 
 
 def test_monarch_cpu_large_batch_uses_tile_parallel_path(poison):

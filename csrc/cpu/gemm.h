@@ -55,6 +55,16 @@ inline void pack_b(int64_t K, int64_t N, const T* src, int64_t rs_k, int64_t cs_
   for (int64_t j0 = 0; j0 < N; j0 += NR) {
     const int64_t nr = N - j0 < NR ? N - j0 : NR;
     T* panel = dst + j0 * K;  // panel j0/NR starts at (j0/NR) * K * NR
+    if (rs_k == 1) {  // B is a transposed row-major matrix (the weights in the forward): read its
+                      // rows contiguously, not one cache line per element
+      for (int64_t j = 0; j < nr; ++j) {
+        const T* s = src + (j0 + j) * cs_n;
+        for (int64_t kk = 0; kk < K; ++kk) panel[kk * NR + j] = s[kk];
+      }
+      for (int64_t kk = 0; kk < K; ++kk)
+        for (int64_t j = nr; j < NR; ++j) panel[kk * NR + j] = T(0);
+      continue;
+    }
     for (int64_t kk = 0; kk < K; ++kk) {
       const T* s = src + kk * rs_k + j0 * cs_n;
       T* d = panel + kk * NR;

@@ -45,17 +45,51 @@ struct Dims {
   int64_t kq() const { return k * q; }
 };
 
-// 64-byte aligned scratch that frees itself.
+// Scratch blocks are recycled per calling thread: large malloc blocks are fresh mmaps, and their
+// first-touch page faults cost milliseconds per call once the packed weights reach tens of MB.
+// The cache keeps at most kCachedBlocks blocks (those of the last calls) and frees the rest.
+constexpr size_t kCachedBlocks = 24;
+
+struct BlockCache {
+  std::vector<std::pair<void*, size_t>> free_blocks;
+  ~BlockCache() {
+    for (auto& b : free_blocks) std::free(b.first);
+  }
+  void* take(size_t bytes) {
+    size_t best = free_blocks.size();
+    for (size_t i = 0; i < free_blocks.size(); ++i)  // smallest cached block that fits
+      if (free_blocks[i].second >= bytes && (best == free_blocks.size() || free_blocks[i].second < free_blocks[best].second))
+        best = i;
+    if (best < free_blocks.size()) {
+      void* p = free_blocks[best].first;
+      free_blocks.erase(free_blocks.begin() + static_cast<std::ptrdiff_t>(best));
+      return p;
+    }
+    void* p = std::aligned_alloc(64, bytes);
+    if (!p) throw std::bad_alloc();
+    return p;
+  }
+  void give(void* p, size_t bytes) {
+    free_blocks.emplace_back(p, bytes);
+    if (free_blocks.size() > kCachedBlocks) {  // drop the oldest
+      std::free(free_blocks.front().first);
+      free_blocks.erase(free_blocks.begin());
+    }
+  }
+};
+thread_local BlockCache t_cache;
+
+// 64-byte aligned scratch, returned to the calling thread's cache on destruction.
 template <typename T>
 struct Buffer {
   T* ptr = nullptr;
+  size_t bytes = 0;
   explicit Buffer(int64_t n) {
-    size_t bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
-    bytes = (bytes + 63) / 64 * 64;
-    ptr = static_cast<T*>(std::aligned_alloc(64, bytes));
-    if (!ptr) throw std::bad_alloc();
+    bytes = static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T);
+    bytes = (bytes + 4095) / 4096 * 4096;  // page multiples: fewer distinct sizes to match
+    ptr = static_cast<T*>(t_cache.take(bytes));
   }
-  ~Buffer() { std::free(ptr); }
+  ~Buffer() { t_cache.give(ptr, bytes); }
   Buffer(const Buffer&) = delete;
   Buffer& operator=(const Buffer&) = delete;
 };
@@ -191,9 +225,52 @@ inline void gemm_grad(bool narrow, int64_t M, int64_t n, int64_t K, const T* a_s
   });
 }
 
+// Small batches (inference): packing the weights would cost more than the product itself (it
+// reads and writes every weight once more), so each weight row is read once, in place, and dotted
+// with the few activation rows, which stay in L1.  t is written straight into block layout
+// h[c][b][m] = t[b, m*l + c].  Each dot ends in a horizontal sum, which short rows cannot amortise:
+// measured crossover (bench/NOTES.md) about B = 8 for rows >= 128 long, B = 2 for 48-long rows.
+inline bool small_batch(const Dims& d) { return d.B <= (std::min(d.p, d.r) >= 128 ? 8 : 2); }
+
+template <typename T>
+void fwd_small(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, T* out,
+               int64_t ldo, int nthreads) {
+  const int64_t kq = d.kq(), B = d.B;
+  Buffer<T> h(B * kq);
+#pragma omp parallel num_threads(nthreads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t J = 0; J < kq; ++J) {  // row J = a*q + i of w1 viewed as (k*q, p)
+      const T* w = w1 + J * d.p;
+      const T* xa = x + (J / d.q) * d.p;
+      T* hj = h.ptr + (J % d.l) * B * d.r + J / d.l;
+      for (int64_t b = 0; b < B; ++b) {
+        const T* xb = xa + b * ldx;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t j = 0; j < d.p; ++j) acc += w[j] * xb[j];
+        hj[b * d.r] = acc;
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t R = 0; R < d.l * d.s; ++R) {  // row R = c*s + n of w2 viewed as (l*s, r)
+      const int64_t c = R / d.s, n = R % d.s;
+      const T* w = w2 + R * d.r;
+      for (int64_t b = 0; b < B; ++b) {
+        const T* hb = h.ptr + (c * B + b) * d.r;
+        T acc = 0;
+#pragma omp simd reduction(+ : acc)
+        for (int64_t m = 0; m < d.r; ++m) acc += w[m] * hb[m];
+        out[b * ldo + n * d.l + c] = acc;
+      }
+    }
+  }
+}
+
 template <typename T>
 void fwd(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, T* out, int64_t ldo,
          int nthreads) {
+  if (small_batch(d)) return fwd_small<T>(d, x, ldx, w1, w2, out, ldo, nthreads);
   const int64_t kq = d.kq();
   // w1[a] as B = (K=p) x (N=q), element (j, i) = w1[a, i, j]; w2[c] as (K=r) x (N=s).
   PackedWeight<T> P1(d.k, d.p, d.q, true), P2(d.l, d.r, d.s, true);
