@@ -12,6 +12,13 @@
 namespace kk {
 namespace {
 
+#define KK_TRY(expr)                   \
+  do {                                 \
+    kk_status st_ = (expr);            \
+    if (st_ != KK_OK) return st_;      \
+  } while (0)
+
+
 // Checks shared by the CPU and CUDA entry points' contract (see kernelkit.h).
 kk_status check_dims(int64_t batch, int64_t k, int64_t q, int64_t p, int64_t l, int64_t s,
                      int64_t r) {
@@ -38,6 +45,17 @@ kk_status check_ld(int64_t ld, int64_t width, const char* name) {
                             name, (long long)ld, (long long)width);
 }
 
+// What the forward and backward entry points check first: dtype, sizes, the weights.
+kk_status check_common(kk_dtype dtype, int64_t batch, int64_t k, int64_t q, int64_t p, int64_t l,
+                       int64_t s, int64_t r, const void* w1, const void* w2) {
+  if (dtype != KK_FLOAT32 && dtype != KK_FLOAT64)
+    return fail(KK_ERR_UNSUPPORTED_DTYPE, "monarch cpu: dtype %d unsupported (float32, float64)",
+                (int)dtype);
+  KK_TRY(check_dims(batch, k, q, p, l, s, r));
+  KK_TRY(check_ptr(w1, "w1"));
+  return check_ptr(w2, "w2");
+}
+
 int threads(int32_t requested) { return requested > 0 ? requested : omp_get_max_threads(); }
 
 template <typename Fn>
@@ -50,12 +68,6 @@ kk_status run_isa(Fn&& fn) {
     return fail(KK_ERR_INTERNAL, "monarch: unexpected C++ exception");
   }
 }
-
-#define KK_TRY(expr)                   \
-  do {                                 \
-    kk_status st_ = (expr);            \
-    if (st_ != KK_OK) return st_;      \
-  } while (0)
 
 #if defined(__x86_64__) || defined(_M_X64)
 #define KK_DISPATCH(isa, fn, ...)                                        \
@@ -77,12 +89,7 @@ KK_API kk_status kk_monarch_fwd_cpu(kk_dtype dtype, int64_t batch, int64_t k, in
                                     const void* w1, const void* w2, void* out, int64_t ldo,
                                     int32_t num_threads) {
   clear_error();
-  if (dtype != KK_FLOAT32 && dtype != KK_FLOAT64)
-    return fail(KK_ERR_UNSUPPORTED_DTYPE, "monarch cpu: dtype %d unsupported (float32, float64)",
-                (int)dtype);
-  KK_TRY(check_dims(batch, k, q, p, l, s, r));
-  KK_TRY(check_ptr(w1, "w1"));
-  KK_TRY(check_ptr(w2, "w2"));
+  KK_TRY(check_common(dtype, batch, k, q, p, l, s, r, w1, w2));
   if (batch == 0) return KK_OK;
   KK_TRY(check_ptr(x, "x"));
   KK_TRY(check_ptr(out, "out"));
@@ -100,12 +107,7 @@ KK_API kk_status kk_monarch_bwd_cpu(kk_dtype dtype, int64_t batch, int64_t k, in
                                     void* dx, int64_t lddx, void* dw1, void* dw2,
                                     int32_t num_threads) {
   clear_error();
-  if (dtype != KK_FLOAT32 && dtype != KK_FLOAT64)
-    return fail(KK_ERR_UNSUPPORTED_DTYPE, "monarch cpu: dtype %d unsupported (float32, float64)",
-                (int)dtype);
-  KK_TRY(check_dims(batch, k, q, p, l, s, r));
-  KK_TRY(check_ptr(w1, "w1"));
-  KK_TRY(check_ptr(w2, "w2"));
+  KK_TRY(check_common(dtype, batch, k, q, p, l, s, r, w1, w2));
   if (!dx && !dw1 && !dw2) return KK_OK;  // nothing requested
   const size_t esize = dtype == KK_FLOAT32 ? sizeof(float) : sizeof(double);
   if (batch == 0) {  // empty batch: the weight gradients are zero
