@@ -78,12 +78,15 @@ def test_monarch_cpu_every_isa_variant_matches_reference(poison, monkeypatch, is
             assert_close(got, want, torch.float32, f"{isa} {shape} {what}")
 
 
-def test_monarch_cpu_small_batch_path_on_long_rows(poison):
-    """B <= 8 with rows >= 128 long takes the unpacked dot-product forward."""
-    shape = (4, 160, 129, 5, 128, 128)
-    for batch in (1, 5, 8, 9):
-        x, w1, w2, _ = _factors(shape, torch.float64, batch=batch)
-        assert_close(monarch_matmul(x, w1, w2, backend="cpu"), monarch_reference(x, w1, w2), torch.float64, f"B={batch}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_monarch_cpu_small_batch_path(poison, dtype):
+    """Batches up to two vectors wide take the unpacked small-batch forward (one or two vectors
+    per row of the register tile); 33 is past it for float32 on every ISA."""
+    for shape in [(4, 160, 129, 5, 128, 128), (16, 48, 48, 16, 48, 48), (3, 10, 7, 5, 9, 6)]:
+        for batch in (1, 5, 8, 9, 16, 17, 20, 32, 33):
+            x, w1, w2, _ = _factors(shape, dtype, batch=batch)
+            ref = monarch_reference(x.double(), w1.double(), w2.double())
+            assert_close(monarch_matmul(x, w1, w2, backend="cpu"), ref, dtype, f"{shape} B={batch}")
 
 
 def test_monarch_cpu_large_batch_uses_tile_parallel_path(poison):

@@ -161,6 +161,45 @@ inline void micro_kernel(int64_t K, const T* __restrict__ ap, const T* __restric
   }
 }
 
+// Small-batch kernel: C[0:mr, 0:nr] = A[0:mr, 0:K] * panel with A read in place (rows at stride
+// lda, contiguous in k) -- A is a weight matrix used once, so packing it would double its traffic.
+// Each weight element is broadcast once and meets all (<= NR) activation columns of the panel.
+template <typename T, int NV>
+struct RowTile {
+  static constexpr int MR = (kVecBytes == 64 || NV == 1) ? 8 : 4;  // row pointers stay in registers
+};
+
+template <typename T, int NV>
+inline void micro_rows(int64_t K, const T* A, int64_t lda, int mr, const T* __restrict__ bp, T* C,
+                       int64_t c_rs, int64_t c_cs, int nr) {
+  using V = typename Tile<T, NV>::vec;
+  constexpr int MR = RowTile<T, NV>::MR, VL = Tile<T, NV>::VL, NR = Tile<T, NV>::NR;
+  const T* arow[MR];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i) arow[i] = A + (i < mr ? i : mr - 1) * lda;  // extra rows repeat the last
+  V acc[MR][NV];
+#pragma GCC unroll 32
+  for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  for (int64_t kk = 0; kk < K; ++kk) {
+    V b[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) std::memcpy(&b[v], bp + kk * NR + v * VL, sizeof(V));
+#pragma GCC unroll 32
+    for (int i = 0; i < MR; ++i) {
+      const T ai = arow[i][kk];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] += ai * b[v];
+    }
+  }
+  for (int i = 0; i < mr; ++i) {
+    T tmp[NR];
+    std::memcpy(tmp, &acc[i][0], sizeof(tmp));
+    for (int j = 0; j < nr; ++j) C[i * c_rs + j * c_cs] = tmp[j];
+  }
+}
+
 // C[0:M, 0:N] (+)= A * B for packed A (all M rows) and packed B panels [j0/NR, j1/NR) of N.
 // Panel-outer order: one B panel (K x NR) stays in L1/L2 while all A panels stream past it.
 template <typename T, int NV>

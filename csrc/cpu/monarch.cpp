@@ -226,15 +226,22 @@ inline void gemm_grad(bool narrow, int64_t M, int64_t n, int64_t K, const T* a_s
 }
 
 // Small batches (inference): packing the weights would cost more than the product itself (it
-// reads and writes every weight once more), so each weight row is read once, in place, and dotted
-// with the few activation rows, which stay in L1.  t is written straight into block layout
-// h[c][b][m] = t[b, m*l + c].  Each dot ends in a horizontal sum, which short rows cannot amortise:
-// measured crossover (bench/NOTES.md) about B = 8 for rows >= 128 long, B = 2 for 48-long rows.
-inline bool small_batch(const Dims& d) { return d.B <= (std::min(d.p, d.r) >= 128 ? 8 : 2); }
+// reads and writes every weight once more), so both small-batch forwards read each weight once,
+// in place, and write t straight into block layout h[c][b][m] = t[b, m*l + c]:
+//  - fwd_dot (batch <= kDotBatch): one dot product per (weight row, activation row); a vector
+//    lane per weight element, so it runs at memory speed, but every dot ends in a horizontal sum;
+//  - fwd_small (batch <= two vectors): weight rows are the A operand of micro_rows against the
+//    activation rows packed as one B panel (N = batch), so each weight element is broadcast once
+//    and meets all activation rows -- lanes idle when the batch is much narrower than a vector.
+// Crossovers measured in bench/NOTES.md (small-batch table).
+constexpr int64_t kDotBatch = 3;
 
 template <typename T>
-void fwd_small(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, T* out,
-               int64_t ldo, int nthreads) {
+inline bool small_batch(const Dims& d) { return d.B <= Tile<T, 2>::NR; }
+
+template <typename T>
+void fwd_dot(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, T* out,
+             int64_t ldo, int nthreads) {
   const int64_t kq = d.kq(), B = d.B;
   Buffer<T> h(B * kq);
 #pragma omp parallel num_threads(nthreads)
@@ -267,10 +274,56 @@ void fwd_small(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2,
   }
 }
 
+
+template <typename T, int NV>
+void fwd_small(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, T* out,
+               int64_t ldo, int nthreads) {
+  constexpr int MR = RowTile<T, NV>::MR, NR = Tile<T, NV>::NR;
+  const int64_t kq = d.kq(), B = d.B;
+  const int64_t ps1 = packed_size<T, NV>(d.p, B), ps2 = packed_size<T, NV>(d.r, B);
+  Buffer<T> h(B * kq), X(d.k * ps1), H(d.l * ps2);
+  const int64_t rows1 = cdiv(d.q, MR), rows2 = cdiv(d.s, MR);  // row chunks per block
+#pragma omp parallel num_threads(nthreads)
+  {
+#pragma omp for schedule(static)
+    for (int64_t a = 0; a < d.k; ++a)  // B operand: x_a^T (K = p, N = batch)
+      pack_b<T, NV>(d.p, B, x + a * d.p, 1, ldx, X.ptr + a * ps1);
+    // Stage 1, item (a, chunk of MR rows i of w1[a]): tmp[i][b] = w1[a, i, :] . x[b, a*p : +p]
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t it = 0; it < d.k * rows1; ++it) {
+      const int64_t a = it / rows1, i0 = (it % rows1) * MR;
+      const int mr = static_cast<int>(std::min<int64_t>(MR, d.q - i0));
+      T tmp[MR * NR];
+      micro_rows<T, NV>(d.p, w1 + (a * d.q + i0) * d.p, d.p, mr, X.ptr + a * ps1, tmp, NR, 1,
+                        static_cast<int>(B));
+      for (int i = 0; i < mr; ++i) {  // J = a*q + i  ->  h[J % l][b][J / l]
+        const int64_t J = a * d.q + i0 + i;
+        T* dst = h.ptr + (J % d.l) * B * d.r + J / d.l;
+        for (int64_t b = 0; b < B; ++b) dst[b * d.r] = tmp[i * NR + b];
+      }
+    }
+#pragma omp for schedule(static)
+    for (int64_t c = 0; c < d.l; ++c)  // B operand: h[c]^T (K = r, N = batch)
+      pack_b<T, NV>(d.r, B, h.ptr + c * B * d.r, 1, d.r, H.ptr + c * ps2);
+    // Stage 2, item (c, chunk of MR rows n of w2[c]): out[b, n*l + c] = w2[c, n, :] . h[c][b][:]
+#pragma omp for schedule(dynamic, 4)
+    for (int64_t it = 0; it < d.l * rows2; ++it) {
+      const int64_t c = it / rows2, n0 = (it % rows2) * MR;
+      const int mr = static_cast<int>(std::min<int64_t>(MR, d.s - n0));
+      micro_rows<T, NV>(d.r, w2 + (c * d.s + n0) * d.r, d.r, mr, H.ptr + c * ps2,
+                        out + n0 * d.l + c, d.l, ldo, static_cast<int>(B));
+    }
+  }
+}
+
 template <typename T>
 void fwd(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, T* out, int64_t ldo,
          int nthreads) {
-  if (small_batch(d)) return fwd_small<T>(d, x, ldx, w1, w2, out, ldo, nthreads);
+  if (d.B <= kDotBatch) return fwd_dot<T>(d, x, ldx, w1, w2, out, ldo, nthreads);
+  if (small_batch<T>(d)) {
+    if (d.B <= Tile<T, 1>::NR) return fwd_small<T, 1>(d, x, ldx, w1, w2, out, ldo, nthreads);
+    return fwd_small<T, 2>(d, x, ldx, w1, w2, out, ldo, nthreads);
+  }
   const int64_t kq = d.kq();
   // w1[a] as B = (K=p) x (N=q), element (j, i) = w1[a, i, j]; w2[c] as (K=r) x (N=s).
   PackedWeight<T> P1(d.k, d.p, d.q, true), P2(d.l, d.r, d.s, true);
