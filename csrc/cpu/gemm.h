@@ -107,12 +107,13 @@ inline int64_t packed_a_size(int64_t M, int64_t K) {
   return ((M + MR - 1) / MR) * MR * K;
 }
 
-// One MR x NR micro-tile: C[0:mr, 0:nr] (+)= Apanel (K x MR) * Bpanel (K x NR).
-template <typename T, int NV>
-inline void micro_kernel(int64_t K, const T* __restrict__ ap, const T* __restrict__ bp, T* C,
-                         int64_t c_rs, int64_t c_cs, int mr, int nr, bool accumulate) {
+// The register tile: C[0:mr, 0:nr] (+)= A[0:MR, 0:K] * Bpanel (K x NR), where A's element (i, kk)
+// comes from `a(i, kk)` (a packed panel, or weight rows read in place) and is broadcast once.
+template <typename T, int NV, int MR, typename ARead>
+inline void micro_tile(int64_t K, const ARead& a, const T* __restrict__ bp, T* C, int64_t c_rs,
+                       int64_t c_cs, int mr, int nr, bool accumulate) {
   using V = typename Tile<T, NV>::vec;
-  constexpr int MR = Tile<T, NV>::MR, VL = Tile<T, NV>::VL, NR = Tile<T, NV>::NR;
+  constexpr int VL = Tile<T, NV>::VL, NR = Tile<T, NV>::NR;
   V acc[MR][NV];
 #pragma GCC unroll 32
   for (int i = 0; i < MR; ++i)
@@ -123,10 +124,9 @@ inline void micro_kernel(int64_t K, const T* __restrict__ ap, const T* __restric
     V b[NV];
 #pragma GCC unroll 4
     for (int v = 0; v < NV; ++v) std::memcpy(&b[v], bp + kk * NR + v * VL, sizeof(V));
-    const T* a = ap + kk * MR;
 #pragma GCC unroll 32
     for (int i = 0; i < MR; ++i) {
-      const T ai = a[i];
+      const T ai = a(i, kk);
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] += ai * b[v];
     }
@@ -161,6 +161,21 @@ inline void micro_kernel(int64_t K, const T* __restrict__ ap, const T* __restric
   }
 }
 
+// A from a packed panel (K x MR, MR elements per k).
+template <typename T, int MR>
+struct PackedA {
+  const T* __restrict__ ap;
+  T operator()(int i, int64_t kk) const { return ap[kk * MR + i]; }
+};
+
+// One MR x NR micro-tile: C[0:mr, 0:nr] (+)= Apanel (K x MR) * Bpanel (K x NR).
+template <typename T, int NV>
+inline void micro_kernel(int64_t K, const T* __restrict__ ap, const T* __restrict__ bp, T* C,
+                         int64_t c_rs, int64_t c_cs, int mr, int nr, bool accumulate) {
+  constexpr int MR = Tile<T, NV>::MR;
+  micro_tile<T, NV, MR>(K, PackedA<T, MR>{ap}, bp, C, c_rs, c_cs, mr, nr, accumulate);
+}
+
 // Small-batch kernel: C[0:mr, 0:nr] = A[0:mr, 0:K] * panel with A read in place (rows at stride
 // lda, contiguous in k) -- A is a weight matrix used once, so packing it would double its traffic.
 // Each weight element is broadcast once and meets all (<= NR) activation columns of the panel.
@@ -169,35 +184,19 @@ struct RowTile {
   static constexpr int MR = (kVecBytes == 64 || NV == 1) ? 8 : 4;  // row pointers stay in registers
 };
 
+template <typename T, int MR>
+struct RowsA {
+  const T* rows[MR];
+  T operator()(int i, int64_t kk) const { return rows[i][kk]; }
+};
+
 template <typename T, int NV>
 inline void micro_rows(int64_t K, const T* A, int64_t lda, int mr, const T* __restrict__ bp, T* C,
                        int64_t c_rs, int64_t c_cs, int nr) {
-  using V = typename Tile<T, NV>::vec;
-  constexpr int MR = RowTile<T, NV>::MR, VL = Tile<T, NV>::VL, NR = Tile<T, NV>::NR;
-  const T* arow[MR];
-#pragma GCC unroll 32
-  for (int i = 0; i < MR; ++i) arow[i] = A + (i < mr ? i : mr - 1) * lda;  // extra rows repeat the last
-  V acc[MR][NV];
-#pragma GCC unroll 32
-  for (int i = 0; i < MR; ++i)
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
-  for (int64_t kk = 0; kk < K; ++kk) {
-    V b[NV];
-#pragma GCC unroll 4
-    for (int v = 0; v < NV; ++v) std::memcpy(&b[v], bp + kk * NR + v * VL, sizeof(V));
-#pragma GCC unroll 32
-    for (int i = 0; i < MR; ++i) {
-      const T ai = arow[i][kk];
-#pragma GCC unroll 4
-      for (int v = 0; v < NV; ++v) acc[i][v] += ai * b[v];
-    }
-  }
-  for (int i = 0; i < mr; ++i) {
-    T tmp[NR];
-    std::memcpy(tmp, &acc[i][0], sizeof(tmp));
-    for (int j = 0; j < nr; ++j) C[i * c_rs + j * c_cs] = tmp[j];
-  }
+  constexpr int MR = RowTile<T, NV>::MR;
+  RowsA<T, MR> a;
+  for (int i = 0; i < MR; ++i) a.rows[i] = A + (i < mr ? i : mr - 1) * lda;  // extra rows repeat the last
+  micro_tile<T, NV, MR>(K, a, bp, C, c_rs, c_cs, mr, nr, false);
 }
 
 // C[0:M, 0:N] (+)= A * B for packed A (all M rows) and packed B panels [j0/NR, j1/NR) of N.
