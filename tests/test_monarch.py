@@ -164,6 +164,20 @@ def test_monarch_triton_backend_through_the_op(poison):
         assert_close(got, want, torch.float32, "triton")
 
 
+def test_monarch_follows_autocast_like_f_linear():
+    x, w1, w2, dout = _factors((4, 25, 25, 4, 10, 25), torch.float32, batch=9)
+    w1.requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", kernelkit.KernelkitFallbackWarning)  # bf16 runs on torch here
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = monarch_matmul(x, w1, w2)
+            dense = torch.nn.functional.linear(x, torch.randn(3, x.shape[1]))
+    assert out.dtype == dense.dtype == torch.bfloat16
+    assert_close(out, monarch_reference(x.double(), w1.double(), w2.double()), torch.bfloat16, "autocast")
+    out.float().backward(dout)
+    assert w1.grad.dtype == torch.float32 and torch.isfinite(w1.grad).all()
+
+
 def test_reference_bwd_matches_autograd():
     x, w1, w2, dout = _factors((3, 10, 7, 5, 9, 6), torch.float64, batch=8)
     _, grads = _ref_grads(x, w1, w2, dout)

@@ -150,6 +150,7 @@ def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: str | None = N
         backend: ``"torch" | "cpu" | "triton" | "cuda"`` or None for the default (see kernelkit.backend).
     Returns:
         ``(..., l*s)`` tensor, same dtype and device as x.  Differentiable in x, w1 and w2.
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as F.linear's are.
     NaN/inf in the inputs propagate to the outputs they touch (as in a dense matmul); they are not
     checked, so that the op costs no extra pass over x.
     """
@@ -162,6 +163,11 @@ def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: str | None = N
     if x.shape[-1] != k * p:
         raise ValueError(f"{fn}: x.shape[-1] must equal w1.shape[0]*w1.shape[2] (= {k}*{p} = {k * p}), "
                          f"got x of shape {tuple(x.shape)}")
+    if torch.is_autocast_enabled(x.device.type):
+        # Like F.linear under autocast: compute in the autocast dtype (custom ops are not cast by
+        # autocast itself).  Gradients still reach float32 parameters through the casts.
+        dt = torch.get_autocast_dtype(x.device.type)
+        x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
     name = _backend.select(fn, x.device, backend, _supports(x.dtype))
     x2 = _checks.rows(x.reshape(-1, k * p))
     out = torch.ops.kernelkit.monarch_fwd(x2, w1.contiguous(), w2.contiguous(), name)
