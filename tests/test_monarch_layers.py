@@ -149,3 +149,17 @@ def test_example_monarch_mlp_runs_and_fine_tuning_helps(capsys):
     losses = {line.split(":")[0].strip(): float(line.split("loss ")[1].split(",")[0]) for line in out.splitlines()
               if "loss " in line}
     assert losses["monarch, tuned"] < losses["monarch, projected"]
+
+
+def test_square_case_is_the_papers_P_L_Pt_R():
+    """monarch.md: with k = l = m = sqrt(n) and m x m blocks, fly's product is exactly P L P^T R with
+    R = blockdiag(w1), L = blockdiag(w2) and P the reshape-(m, m)-transpose permutation."""
+    m = 5
+    n = m * m
+    torch.manual_seed(7)
+    w1, w2 = torch.randn(m, m, m, dtype=torch.float64), torch.randn(m, m, m, dtype=torch.float64)
+    R, L = torch.block_diag(*w1), torch.block_diag(*w2)
+    perm = torch.arange(n).reshape(m, m).T.reshape(-1)
+    P = torch.eye(n, dtype=torch.float64)[perm]
+    assert torch.equal(P, P.T)  # the transpose permutation is its own inverse
+    assert rel_err(monarch_to_dense(w1, w2), P @ L @ P.T @ R) < 1e-14
