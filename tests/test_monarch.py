@@ -126,8 +126,10 @@ def test_monarch_partial_gradients():
     assert rel_err(g1, r1) < 1e-12 and x.grad is None
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("backend", CPU_BACKENDS + ["triton"])
 def test_monarch_opcheck(backend):
+    if backend == "triton" and (torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") != "1"):
+        pytest.skip("triton on CPU tensors needs the interpreter (GPU: tests/test_monarch_cuda.py)")
     x, w1, w2, dout = _factors((3, 4, 5, 2, 3, 6), torch.float64, batch=7)
     torch.library.opcheck(torch.ops.kernelkit.monarch_fwd, (x.requires_grad_(), w1.requires_grad_(), w2, backend))
     for need in [(True, True, True), (False, True, False), (True, False, True)]:
