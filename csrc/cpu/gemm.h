@@ -89,9 +89,21 @@ inline void pack_a(int64_t M, int64_t K, const T* src, int64_t rs_m, int64_t cs_
     const int64_t mr = M - i0 < MR ? M - i0 : MR;
     T* panel = dst + i0 * K;
     const T* s = src + i0 * rs_m;
-    if (cs_k == 1) {  // rows contiguous in k: read each row once, scatter into the panel
+    if (cs_k == 1) {  // rows contiguous in k: transpose 16-column slabs through a small buffer
+      constexpr int KB = 16;
+      int64_t k0 = 0;
+      if (mr == MR) {
+        for (; k0 + KB <= K; k0 += KB) {
+          T slab[MR][KB];  // row i, columns k0 .. k0+KB: contiguous loads
+#pragma GCC unroll 32
+          for (int i = 0; i < MR; ++i) std::memcpy(slab[i], s + i * rs_m + k0, sizeof(slab[i]));
+          for (int kk = 0; kk < KB; ++kk)
+#pragma GCC unroll 32
+            for (int i = 0; i < MR; ++i) panel[(k0 + kk) * MR + i] = slab[i][kk];
+        }
+      }
       for (int64_t i = 0; i < mr; ++i)
-        for (int64_t kk = 0; kk < K; ++kk) panel[kk * MR + i] = s[i * rs_m + kk];
+        for (int64_t kk = k0; kk < K; ++kk) panel[kk * MR + i] = s[i * rs_m + kk];
     } else {
       for (int64_t kk = 0; kk < K; ++kk)
         for (int64_t i = 0; i < mr; ++i) panel[kk * MR + i] = s[i * rs_m + kk * cs_k];
