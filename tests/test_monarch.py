@@ -117,6 +117,14 @@ def test_monarch_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(lambda a, b, c: monarch_matmul(a, b, c, backend=backend), inputs)
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_monarch_gradgradcheck_float64(backend):
+    """Double backward (the backward op is differentiable through the same ops)."""
+    x, w1, w2, _ = _factors((3, 4, 5, 2, 3, 6), torch.float64, batch=4)
+    inputs = tuple(t.requires_grad_() for t in (x, w1, w2))
+    assert torch.autograd.gradgradcheck(lambda a, b, c: monarch_matmul(a, b, c, backend=backend), inputs)
+
+
 def test_monarch_partial_gradients():
     x, w1, w2, dout = _factors((4, 6, 5, 3, 7, 8), torch.float64, batch=6)
     w1.requires_grad_()

@@ -4,7 +4,8 @@
     kernelkit::monarch_bwd(x, w1, w2, dout, backend, need_dx, need_dw1, need_dw2) -> (dx, dw1, dw2)
 
 The backward saves only x, w1, w2 and recomputes the intermediate inside the kernels.  Gradients
-that were not asked for come back as empty tensors (custom ops cannot return None).  The user-facing
+that were not asked for come back as empty tensors (custom ops cannot return None).  The backward
+op is itself differentiable (double backward), through the same two ops.  The user-facing
 entry point is :func:`monarch_matmul`; it validates, flattens the batch and picks the backend.
 """
 from __future__ import annotations
@@ -130,6 +131,67 @@ def _backward(ctx, grad):
 
 
 monarch_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# Double backward.  monarch_bwd's outputs are dx = J_x^T dout, dw1, dw2: linear in dout, and each
+# linear in the factor it does not differentiate.  So their vector-Jacobian products are again
+# Monarch products and gradients, e.g. for upstream (gdx, gdw1, gdw2):
+#   grad_dout = M(gdx; w1, w2) + M(x; gdw1, w2) + M(x; w1, gdw2)
+#   grad_x    = dx(x; gdw1, w2 | dout) + dx(x; w1, gdw2 | dout)
+#   grad_w1   = dw1(gdx; w1, w2 | dout) + dw1(x; w1, gdw2 | dout)
+#   grad_w2   = dw2(gdx; w1, w2 | dout) + dw2(x; gdw1, w2 | dout)
+# (M = monarch_fwd, dx/dw1/dw2 = monarch_bwd's outputs for the given inputs and upstream dout),
+# built from the same two ops, so every order of derivative works on every backend.
+def _bwd_setup_context(ctx, inputs, output):
+    x, w1, w2, dout, backend, *_ = inputs
+    ctx.save_for_backward(x, w1, w2, dout)
+    ctx.backend = backend
+
+
+def _given(g):
+    return g is not None and g.numel() > 0
+
+
+def _bwd_backward(ctx, gdx, gdw1, gdw2):
+    x, w1, w2, dout = ctx.saved_tensors
+    b = ctx.backend
+    fwd, bwd = torch.ops.kernelkit.monarch_fwd, torch.ops.kernelkit.monarch_bwd
+    rows = _checks.rows
+    nx, n1, n2, nd = ctx.needs_input_grad[:4]
+    gx = g1 = g2 = gd = None
+    terms_d = []
+    if _given(gdx):
+        gdx = rows(gdx)
+        if nd:
+            terms_d.append(fwd(gdx, w1, w2, b))
+        if n1 or n2:
+            _, a1, a2 = bwd(gdx, w1, w2, dout, b, False, n1, n2)
+            g1 = a1 if n1 else None
+            g2 = a2 if n2 else None
+    if _given(gdw1):
+        gdw1 = gdw1.contiguous()
+        if nd:
+            terms_d.append(fwd(x, gdw1, w2, b))
+        if nx or n2:
+            ax, _, a2 = bwd(x, gdw1, w2, dout, b, nx, False, n2)
+            gx = ax if nx else None
+            g2 = (a2 if g2 is None else g2 + a2) if n2 else None
+    if _given(gdw2):
+        gdw2 = gdw2.contiguous()
+        if nd:
+            terms_d.append(fwd(x, w1, gdw2, b))
+        if nx or n1:
+            ax, a1, _ = bwd(x, w1, gdw2, dout, b, nx, n1, False)
+            gx = (ax if gx is None else gx + ax) if nx else None
+            g1 = (a1 if g1 is None else g1 + a1) if n1 else None
+    if terms_d:
+        gd = terms_d[0]
+        for t in terms_d[1:]:
+            gd = gd + t
+    return gx, g1, g2, gd, None, None, None, None
+
+
+monarch_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 
 
 def check_factors(w1: Tensor, w2: Tensor, fn: str) -> None:
