@@ -13,6 +13,7 @@ KernelkitFallbackWarning says why.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import warnings
@@ -60,11 +61,18 @@ def backend(name: str) -> Iterator[None]:
         _stack().pop()
 
 
-def _triton_error(device: torch.device) -> str | None:
-    try:
+@functools.lru_cache(maxsize=None)
+def _triton_import_error() -> str | None:
+    try:  # a failed import is slow (a sys.path search): ask once per process
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed (pip install triton)"
+    return None
+
+
+def _triton_error(device: torch.device) -> str | None:
+    if _triton_import_error():
+        return _triton_import_error()
     if device.type == "cuda":
         return None
     if os.environ.get("TRITON_INTERPRET") == "1":
