@@ -23,7 +23,10 @@ Backward (no saved intermediates; h is recomputed from x, w1):
 Kernels (grids):
     forward   _monarch_fwd_kernel  (batch tiles, l, n tiles): fused; per m-chunk, stage 1 builds the
               [BM, BR] h tile in registers, stage 2 contracts it with w2[c] into the [BM, BN] out tile,
-              stored at columns n*l + c.  No intermediate touches memory.
+              stored at columns n*l + c.  No intermediate touches memory.  Used while s fits one
+              n tile (_FUSED_MAX_S); for wider s (e.g. 4096 -> 4096 nb4, s = 1024) the forward is
+              _monarch_h_kernel (h once, stored in block layout) + _block_mm_kernel (out = h w2^T
+              stored at n*l + c), instead of recomputing stage 1 per n tile.
     backward  _monarch_h_kernel    (batch tiles, l, r tiles): recompute h -> workspace (B, l*r)   [dw2]
               _batch_reduce_kernel (l*tiles, batch splits): dw2 = dO^T h                         [dw2]
               _block_mm_kernel     (batch tiles, l, r tiles): dt = dO w2, scattered to m*l + c   [dx|dw1]
@@ -151,7 +154,8 @@ def _monarch_fwd_kernel(x_ptr, w1_ptr, w2_ptr, out_ptr, B, stride_xb, stride_ob,
 def _monarch_h_kernel(x_ptr, w1_ptr, h_ptr, B, stride_xb, stride_hb, q, p, l, r,
                       BM: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr,
                       ACC_DT: tl.constexpr, DOT_PREC: tl.constexpr, UPCAST: tl.constexpr):
-    # Backward only: recompute h once into a (B, l, r) workspace (input dtype) for the dw2 reduction.
+    # Stage 1 alone: h into a (B, l, r) workspace (input dtype), for the two-pass forward (wide s)
+    # and for the backward's recompute before the dw2 reduction.
     tl.static_assert(BM >= 16)
     tl.static_assert(BR >= 16)
     tl.static_assert(BK >= 16)
@@ -317,12 +321,32 @@ def _unit_inner(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# Widest s (rows per w2 block) the fused forward covers with one n tile, per mode.  Past it the fused
+# kernel would recompute stage 1 once per n tile (4x for 4096 -> 4096 nb4, more than the FLOPs a
+# dense layer needs), so the forward runs in two passes instead: h written once, directly in block
+# layout (B, l, r) -- no permuted copy, the permutation is in the store -- then a per-block matmul
+# whose output stride l is the second permutation.  Tests lower these to exercise both paths.
+_FUSED_MAX_S = {"interpret": 32, "fma": 64, "tc": 256}
+
+
+def _fwd_two_pass(s: int, mode: str) -> bool:
+    key = "interpret" if _INTERPRET else ("fma" if mode == "fma" else "tc")
+    return s > _FUSED_MAX_S[key]
+
+
 def _launch_fwd(x, w1, w2, out, allow_tf32):
     B = x.shape[0]
     k, q, p = w1.shape
     l, s, r = w2.shape
     acc_dt, prec, up = _dot_cfg(x.dtype, allow_tf32)
     mode = _mode(x.dtype, allow_tf32)
+    if _fwd_two_pass(s, mode):
+        h = torch.empty((B, k * q), device=x.device, dtype=x.dtype)
+        _launch_h(x, w1, h, l, r, (acc_dt, prec, up), mode)
+        # out[b, n*l + c] = sum_m h[b, c*r + m] * w2[c, n, m]
+        _launch_block_mm(h, h.stride(0), r, 1, w2, s * r, 1, r, out, out.stride(0), 1, l,
+                         B, l, r, s, (acc_dt, prec, up), mode)
+        return
     if _INTERPRET:
         BM, BN, BR, BK, nw = 64, 16, 16, 16, 4
     elif mode == "fma":
@@ -340,6 +364,24 @@ def _launch_fwd(x, w1, w2, out, allow_tf32):
     _monarch_fwd_kernel[grid](x, w1, w2, out, B, x.stride(0), out.stride(0), q, p, l, s, r,
                               BM=BM, BN=BN, BR=BR, BK=BK, ACC_DT=acc_dt, DOT_PREC=prec, UPCAST=up,
                               num_warps=nw, num_stages=3)
+
+
+def _launch_h(x, w1, h, l, r, cfg, mode):
+    """h[b, c*r + m] = t[b, m*l + c]: stage 1 of the forward, stored in block layout."""
+    acc_dt, prec, up = cfg
+    B = x.shape[0]
+    k, q, p = w1.shape
+    if _INTERPRET:
+        BM, BR, BK, nw = 64, 16, 16, 4
+    elif mode == "fma":
+        BM, BR, BK, nw = 64, _pick_br(q, l, r, 32), 32, 4
+    else:
+        BM, BR, BK = 128, _pick_br(q, l, r, 32), _tile(p, 32)
+        nw = 8 if mode == "tf32" else 4
+    grid = (triton.cdiv(B, BM), l, triton.cdiv(r, BR))
+    _monarch_h_kernel[grid](x, w1, h, B, x.stride(0), h.stride(0), q, p, l, r,
+                            BM=BM, BR=BR, BK=BK, ACC_DT=acc_dt, DOT_PREC=prec, UPCAST=up,
+                            num_warps=nw, num_stages=3)
 
 
 def _launch_block_mm(a, stride_ab, sga, sua, w, wg, wu, wv, o, stride_ob, sgo, svo, B, G, U, V,
@@ -461,17 +503,7 @@ def monarch_bwd(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dout: torch
         if need_dw2:
             # recompute h once (stage 1 of the forward) into a (B, l, r) workspace
             h = torch.empty((B, kq), device=dev, dtype=x.dtype)
-            if _INTERPRET:
-                BM, BR, BK, nw = 64, 16, 16, 4
-            elif mode == "fma":
-                BM, BR, BK, nw = 64, _pick_br(q, l, r, 32), 32, 4
-            else:
-                BM, BR, BK = 128, _pick_br(q, l, r, 32), _tile(p, 32)
-                nw = 8 if mode == "tf32" else 4
-            grid = (triton.cdiv(B, BM), l, triton.cdiv(r, BR))
-            _monarch_h_kernel[grid](x, w1, h, B, x.stride(0), h.stride(0), q, p, l, r,
-                                    BM=BM, BR=BR, BK=BK, ACC_DT=acc_dt, DOT_PREC=prec, UPCAST=up,
-                                    num_warps=nw, num_stages=3)
+            _launch_h(x, w1, h, l, r, cfg, mode)
             # dw2[c, n, m] = sum_b dout[b, n*l + c] * h[b, c*r + m]
             _launch_reduce(dout, dout.stride(0), 1, l, h, h.stride(0), r, 1, dw2, B, l, s, r,
                            cfg, mode)

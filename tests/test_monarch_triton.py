@@ -204,3 +204,14 @@ def test_gpu_tile_heuristics_interpreted(monkeypatch, dtype):
     for shape, B in [((3, 40, 33, 5, 20, 24), 150), ((2, 32, 20, 2, 260, 32), 20)]:
         _check_fwd(shape, B, dtype)
         _check_bwd(shape, B, dtype)
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 8, 4, 40, 8), (2, 10, 6, 5, 70, 4), (3, 20, 9, 4, 33, 15)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_two_pass_forward_for_wide_s(shape, dtype):
+    """s wider than one fused n tile: h is written once in block layout, then one per-block matmul."""
+    assert tk._fwd_two_pass(shape[4], tk._mode(dtype, False))
+    (x, w1, w2, _), (x64, w164, w264, _) = _make(shape, 45, dtype)
+    out = torch.full((45, shape[3] * shape[4]), float("nan"), device=DEVICE, dtype=dtype)
+    tk.monarch_fwd(x, w1, w2, out=out)
+    assert _rel(out, monarch_reference(x64, w164, w264)) < TOL[dtype]
