@@ -89,6 +89,15 @@ def test_monarch_cpu_small_batch_path(poison, dtype):
             assert_close(monarch_matmul(x, w1, w2, backend="cpu"), ref, dtype, f"{shape} B={batch}")
 
 
+def test_monarch_cpu_small_batch_path_several_panels_for_big_weights(poison):
+    """Weights over 8 MB keep the in-place-weights forward up to four batch panels."""
+    shape = (4, 520, 512, 4, 520, 520)
+    for batch in (40, 100, 128):
+        x, w1, w2, _ = _factors(shape, torch.float32, batch=batch)
+        ref = monarch_reference(x.double(), w1.double(), w2.double())
+        assert_close(monarch_matmul(x, w1, w2, backend="cpu"), ref, torch.float32, f"B={batch}")
+
+
 def test_monarch_cpu_large_batch_uses_tile_parallel_path(poison):
     """Enough rows that the forward gives whole batch tiles to threads (many tiles)."""
     shape = (4, 16, 16, 4, 16, 16)

@@ -230,14 +230,21 @@ inline void gemm_grad(bool narrow, int64_t M, int64_t n, int64_t K, const T* a_s
 // in place, and write t straight into block layout h[c][b][m] = t[b, m*l + c]:
 //  - fwd_dot (batch <= kDotBatch): one dot product per (weight row, activation row); a vector
 //    lane per weight element, so it runs at memory speed, but every dot ends in a horizontal sum;
-//  - fwd_small (batch <= two vectors): weight rows are the A operand of micro_rows against the
-//    activation rows packed as one B panel (N = batch), so each weight element is broadcast once
-//    and meets all activation rows -- lanes idle when the batch is much narrower than a vector.
+//  - fwd_small (see small_batch): weight rows are the A operand of micro_rows against the
+//    activation rows packed as B panels (N = batch), so each weight element is broadcast once per
+//    panel and meets its activation rows -- lanes idle when the batch is much narrower than a vector.
 // Crossovers measured in bench/NOTES.md (small-batch table).
 constexpr int64_t kDotBatch = 3;
 
+// Up to one 2-vector panel of batch columns always; up to 4 panels when the weights are big
+// (> 8 MB), where packing them costs as much as the product (measured: 4096 -> 4096 nb4 at batch
+// 64, 6.8 ms in place vs 13.0 ms packed; small blocks lose in place past one panel).
 template <typename T>
-inline bool small_batch(const Dims& d) { return d.B <= Tile<T, 2>::NR; }
+inline bool small_batch(const Dims& d) {
+  const int64_t weight_bytes = (d.k * d.q * d.p + d.l * d.s * d.r) * static_cast<int64_t>(sizeof(T));
+  const int64_t panels = weight_bytes > (int64_t(8) << 20) ? 4 : 1;
+  return d.B <= panels * Tile<T, 2>::NR;
+}
 
 template <typename T>
 void fwd_dot(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, T* out,
@@ -293,13 +300,16 @@ void fwd_small(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2,
     for (int64_t it = 0; it < d.k * rows1; ++it) {
       const int64_t a = it / rows1, i0 = (it % rows1) * MR;
       const int mr = static_cast<int>(std::min<int64_t>(MR, d.q - i0));
-      T tmp[MR * NR];
-      micro_rows<T, NV>(d.p, w1 + (a * d.q + i0) * d.p, d.p, mr, X.ptr + a * ps1, tmp, NR, 1,
-                        static_cast<int>(B));
-      for (int i = 0; i < mr; ++i) {  // J = a*q + i  ->  h[J % l][b][J / l]
-        const int64_t J = a * d.q + i0 + i;
-        T* dst = h.ptr + (J % d.l) * B * d.r + J / d.l;
-        for (int64_t b = 0; b < B; ++b) dst[b * d.r] = tmp[i * NR + b];
+      for (int64_t b0 = 0; b0 < B; b0 += NR) {  // one panel of NR batch columns at a time
+        const int nb = static_cast<int>(std::min<int64_t>(NR, B - b0));
+        T tmp[MR * NR];
+        micro_rows<T, NV>(d.p, w1 + (a * d.q + i0) * d.p, d.p, mr, X.ptr + a * ps1 + b0 * d.p,
+                          tmp, NR, 1, nb);
+        for (int i = 0; i < mr; ++i) {  // J = a*q + i  ->  h[J % l][b][J / l]
+          const int64_t J = a * d.q + i0 + i;
+          T* dst = h.ptr + (J % d.l) * B * d.r + J / d.l;
+          for (int b = 0; b < nb; ++b) dst[(b0 + b) * d.r] = tmp[i * NR + b];
+        }
       }
     }
 #pragma omp for schedule(static)
@@ -310,8 +320,10 @@ void fwd_small(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2,
     for (int64_t it = 0; it < d.l * rows2; ++it) {
       const int64_t c = it / rows2, n0 = (it % rows2) * MR;
       const int mr = static_cast<int>(std::min<int64_t>(MR, d.s - n0));
-      micro_rows<T, NV>(d.r, w2 + (c * d.s + n0) * d.r, d.r, mr, H.ptr + c * ps2,
-                        out + n0 * d.l + c, d.l, ldo, static_cast<int>(B));
+      for (int64_t b0 = 0; b0 < B; b0 += NR)
+        micro_rows<T, NV>(d.r, w2 + (c * d.s + n0) * d.r, d.r, mr, H.ptr + c * ps2 + b0 * d.r,
+                          out + b0 * ldo + n0 * d.l + c, d.l, ldo,
+                          static_cast<int>(std::min<int64_t>(NR, B - b0)));
     }
   }
 }
