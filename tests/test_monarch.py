@@ -23,6 +23,7 @@ SHAPES = [
     (4, 33, 17, 4, 33, 33),
     (16, 8, 8, 16, 12, 8),      # many small blocks (nb16)
     (16, 48, 48, 16, 48, 48),   # N = 48: the narrow (NV = 1) micro-tile in every stage
+    (2, 8, 600, 4, 520, 4),     # K = p = 600 and K = s = 520 > 512: packed (not in-place) A operands
     (1, 2, 3, 2, 3, 1),
 ]
 BATCHES = [0, 1, 37, 300]
