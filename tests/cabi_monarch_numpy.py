@@ -57,7 +57,8 @@ def main(path):
     assert lib.kk_version().decode().count(".") == 2
     rng = np.random.default_rng(0)
     for dtype, code, tol in ((np.float64, KK_FLOAT64, 1e-12), (np.float32, KK_FLOAT32, 1e-5)):
-        for (B, k, q, p_, l, s, r) in [(7, 4, 6, 5, 3, 7, 8), (1, 2, 8, 3, 4, 5, 4), (65, 3, 10, 7, 5, 9, 6)]:
+        for (B, k, q, p_, l, s, r) in [(7, 4, 6, 5, 3, 7, 8), (1, 2, 8, 3, 4, 5, 4), (65, 3, 10, 7, 5, 9, 6),
+                                       (40, 4, 24, 24, 4, 24, 24), (70, 2, 8, 600, 4, 520, 4)]:
             x = rng.standard_normal((B, k * p_)).astype(dtype)
             w1 = rng.standard_normal((k, q, p_)).astype(dtype)
             w2 = rng.standard_normal((l, s, r)).astype(dtype)
