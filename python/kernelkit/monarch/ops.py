@@ -153,42 +153,28 @@ def _given(g):
 
 
 def _bwd_backward(ctx, gdx, gdw1, gdw2):
-    x, w1, w2, dout = ctx.saved_tensors
-    b = ctx.backend
-    fwd, bwd = torch.ops.kernelkit.monarch_fwd, torch.ops.kernelkit.monarch_bwd
-    rows = _checks.rows
-    nx, n1, n2, nd = ctx.needs_input_grad[:4]
-    gx = g1 = g2 = gd = None
-    terms_d = []
-    if _given(gdx):
-        gdx = rows(gdx)
-        if nd:
-            terms_d.append(fwd(gdx, w1, w2, b))
-        if n1 or n2:
-            _, a1, a2 = bwd(gdx, w1, w2, dout, b, False, n1, n2)
-            g1 = a1 if n1 else None
-            g2 = a2 if n2 else None
-    if _given(gdw1):
-        gdw1 = gdw1.contiguous()
-        if nd:
-            terms_d.append(fwd(x, gdw1, w2, b))
-        if nx or n2:
-            ax, _, a2 = bwd(x, gdw1, w2, dout, b, nx, False, n2)
-            gx = ax if nx else None
-            g2 = (a2 if g2 is None else g2 + a2) if n2 else None
-    if _given(gdw2):
-        gdw2 = gdw2.contiguous()
-        if nd:
-            terms_d.append(fwd(x, w1, gdw2, b))
-        if nx or n1:
-            ax, a1, _ = bwd(x, w1, gdw2, dout, b, nx, n1, False)
-            gx = (ax if gx is None else gx + ax) if nx else None
-            g1 = (a1 if g1 is None else g1 + a1) if n1 else None
-    if terms_d:
-        gd = terms_d[0]
-        for t in terms_d[1:]:
-            gd = gd + t
-    return gx, g1, g2, gd, None, None, None, None
+    saved = ctx.saved_tensors
+    dout = saved[3]
+    need, need_dout = ctx.needs_input_grad[:3], ctx.needs_input_grad[3]
+    grads, gd = [None, None, None], None
+    # Each upstream gradient replaces the input it belongs to (slot); the product with that
+    # substitution gives its grad_dout term, and its gradients w.r.t. the other two inputs give
+    # the terms of theirs (see the formulas above).
+    for slot, g in enumerate((gdx, gdw1, gdw2)):
+        if not _given(g):
+            continue
+        args = list(saved[:3])
+        args[slot] = _checks.rows(g) if slot == 0 else g.contiguous()
+        if need_dout:
+            term = torch.ops.kernelkit.monarch_fwd(*args, ctx.backend)
+            gd = term if gd is None else gd + term
+        want = [bool(need[i]) and i != slot for i in range(3)]
+        if any(want):
+            out = torch.ops.kernelkit.monarch_bwd(*args, dout, ctx.backend, *want)
+            for i in range(3):
+                if want[i]:
+                    grads[i] = out[i] if grads[i] is None else grads[i] + out[i]
+    return (*grads, gd, None, None, None, None)
 
 
 monarch_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
