@@ -346,6 +346,23 @@ struct GemmParams {
   int b_n_fast;
 };
 
+// One operand tile into shared memory: S[kk * STRIDE + xx] = G[(x0 + xx) * sx + (k0 + kk) * sk]
+// for xx < BX, kk < kGBK, zero outside [x, X) x [k0, ke).  x_fast picks which index varies fastest
+// across threads, so that consecutive threads read consecutive addresses (the smaller stride).
+template <int BX, int STRIDE, typename TIn>
+__device__ __forceinline__ void load_tile(float* S, const TIn* __restrict__ G, int64_t x0, int64_t X,
+                                          int64_t sx, int64_t sk, int64_t k0, int64_t ke,
+                                          int x_fast, int tid) {
+#pragma unroll
+  for (int it = 0; it < BX * kGBK / kGThreads; ++it) {
+    const int e = tid + it * kGThreads;
+    const int xx = x_fast ? e % BX : e / kGBK;
+    const int kk = x_fast ? e / BX : e % kGBK;
+    const int64_t x = x0 + xx, kx = k0 + kk;
+    S[kk * STRIDE + xx] = (x < X && kx < ke) ? to_f(G[x * sx + kx * sk]) : 0.f;
+  }
+}
+
 // grid = (groups * tiles_m * tiles_n, nsplit); block = kGThreads.
 template <typename TA, typename TB, typename TC>
 __global__ void __launch_bounds__(kGThreads) monarch_gemm_kernel(const GemmParams P) {
@@ -371,22 +388,8 @@ __global__ void __launch_bounds__(kGThreads) monarch_gemm_kernel(const GemmParam
     for (int j = 0; j < 4; ++j) acc[i][j] = 0.f;
 
   for (int64_t k0 = kb; k0 < ke; k0 += kGBK) {
-#pragma unroll
-    for (int it = 0; it < kGBM * kGBK / kGThreads; ++it) {
-      const int e = tid + it * kGThreads;
-      const int mm = P.a_m_fast ? e % kGBM : e / kGBK;
-      const int kk = P.a_m_fast ? e / kGBM : e % kGBK;
-      const int64_t m = m0 + mm, kx = k0 + kk;
-      As[kk * kGAS + mm] = (m < P.M && kx < ke) ? to_f(A[m * P.sAm + kx * P.sAk]) : 0.f;
-    }
-#pragma unroll
-    for (int it = 0; it < kGBN * kGBK / kGThreads; ++it) {
-      const int e = tid + it * kGThreads;
-      const int nn = P.b_n_fast ? e % kGBN : e / kGBK;
-      const int kk = P.b_n_fast ? e / kGBN : e % kGBK;
-      const int64_t n = n0 + nn, kx = k0 + kk;
-      Bs[kk * kGBS + nn] = (n < P.N && kx < ke) ? to_f(B[kx * P.sBk + n * P.sBn]) : 0.f;
-    }
+    load_tile<kGBM, kGAS>(As, A, m0, P.M, P.sAm, P.sAk, k0, ke, P.a_m_fast, tid);
+    load_tile<kGBN, kGBS>(Bs, B, n0, P.N, P.sBn, P.sBk, k0, ke, P.b_n_fast, tid);
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < kGBK; ++kk) {
