@@ -29,6 +29,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <memory>
 #include <new>
 #include <type_traits>
 #include <vector>
@@ -200,6 +201,15 @@ inline void row_range(int64_t mt, int tid, int nt, int64_t* b0, int64_t* b1) {
   *b1 = std::min(mt, *b0 + per);
 }
 
+// One Scratch per OpenMP thread, allocated by the calling thread (outside the parallel region,
+// so an allocation failure surfaces as std::bad_alloc in the entry point).
+template <typename T>
+std::vector<std::unique_ptr<Scratch<T>>> make_scratch(const Dims& d, int64_t bm, int nthreads) {
+  std::vector<std::unique_ptr<Scratch<T>>> v;
+  for (int i = 0; i < nthreads; ++i) v.push_back(std::make_unique<Scratch<T>>(d, bm));
+  return v;
+}
+
 // C = A B with A (M x K) at (src, rs_m, cs_k) and a packed weight's block, columns [j0, j1).
 template <typename T>
 inline void gemm_weight(const PackedWeight<T>& w, int64_t blk, int64_t M, int64_t N, int64_t K,
@@ -362,9 +372,7 @@ void fwd(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, T* ou
   // Per tile: t (natural rows), h = t in block layout (l, mt, r), o = output blocks (l, mt, s).
   const int64_t tsz = bm * kq, osz = bm * d.l * d.s, nbuf = tile_parallel ? nthreads : 1;
   Buffer<T> tbuf(nbuf * tsz), hbuf(nbuf * tsz), obuf(nbuf * osz);
-  std::vector<Scratch<T>*> scratch(nthreads, nullptr);
-  struct Free { std::vector<Scratch<T>*>& v; ~Free() { for (auto* p : v) delete p; } } free_{scratch};
-  for (auto& sc : scratch) sc = new Scratch<T>(d, bm);
+  const auto scratch = make_scratch<T>(d, bm, nthreads);
 
 #pragma omp parallel num_threads(nthreads)
   {
@@ -433,9 +441,7 @@ void bwd(const Dims& d, const T* x, int64_t ldx, const T* w1, const T* w2, const
   // dh = dt in blocks (l, mt, r), dt (natural rows, what stage 3 reads).
   const int64_t tsz = bm * kq, osz = bm * d.l * d.s;
   Buffer<T> tbuf(tsz), hbuf(tsz), dobuf(osz), dhbuf(need_dt ? tsz : 0), dtbuf(need_dt ? tsz : 0);
-  std::vector<Scratch<T>*> scratch(nthreads, nullptr);
-  struct Free { std::vector<Scratch<T>*>& v; ~Free() { for (auto* p : v) delete p; } } free_{scratch};
-  for (auto& sc : scratch) sc = new Scratch<T>(d, bm);
+  const auto scratch = make_scratch<T>(d, bm, nthreads);
 
 #pragma omp parallel num_threads(nthreads)
   {
