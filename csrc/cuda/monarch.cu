@@ -48,10 +48,8 @@
 #include <cstdint>
 
 #include "../cpu/status.h"
+#include "common.cuh"
 #include "kernelkit/kernelkit.h"
-
-// Dynamic shared memory of the forward kernel (the h cache); float4 for 16-byte alignment.
-extern __shared__ float4 kk_monarch_dyn_smem[];
 
 namespace {
 
@@ -163,7 +161,9 @@ __device__ __forceinline__ void fwd_stage1(const FwdParams& P, const T* __restri
   const int kk_t = tid % kFwdBK, row_t = tid / kFwdBK;
   const int64_t xoff = (b0 + row_t) * P.ldx + (int64_t)a * P.p + kk_t;
   const int64_t xstep = kRowStep * P.ldx;
-  const int64_t xrows = P.batch - b0 - row_t;  // slot it is inside the batch iff kRowStep*it < xrows
+  // Slot it is inside the batch iff kRowStep*it < xrows.  Clamped to BM (> every kRowStep*it) to fit
+  // 32 bits: the register this saves is what lets BM = 64 stay within 128 without a spill.
+  const int xrows = (int)imin64(P.batch - b0 - row_t, BM);
   int64_t woff[2];
 #pragma unroll
   for (int it = 0; it < 2; ++it) {
@@ -251,8 +251,8 @@ __device__ __forceinline__ void fwd_stage2(const FwdParams& P, const T* __restri
 
 // grid = (ceil(batch / BM), ceil(l / C), nz); block = kFwdThreads;
 // dynamic smem = (cached ? C * r : kFwdR) * kHS floats.
-// 2 CTAs per SM: for BM = 64 ptxas then keeps 128 registers (a few bytes of spill); unbounded it
-// takes ~160 and only one CTA fits.
+// 2 CTAs per SM: for BM = 64 ptxas then keeps 128 registers without spilling (tests/cuda_resources.py
+// checks it); unbounded it takes ~150 and only one CTA fits.
 template <typename T, int BM>
 __global__ void __launch_bounds__(kFwdThreads, 2) monarch_fwd_kernel(const FwdParams P) {
   using Tile = FwdTile<BM>;
@@ -260,7 +260,7 @@ __global__ void __launch_bounds__(kFwdThreads, 2) monarch_fwd_kernel(const FwdPa
   __shared__ __align__(16) float xs[kFwdBK * Tile::kXS];
   __shared__ __align__(16) float ws[kFwdBK * kWS];
   __shared__ __align__(16) float w2s[kFwdR * kW2S];
-  float* hs = reinterpret_cast<float*>(kk_monarch_dyn_smem);
+  float* hs = kk::dynamic_smem<float>();  // the h cache
 
   const T* __restrict__ x = static_cast<const T*>(P.x);
   const T* __restrict__ w1 = static_cast<const T*>(P.w1);
@@ -568,7 +568,7 @@ kk_status fwd_launch_bm(const char* fn, const FwdParams& P, const FwdPlan& plan,
     return kk::fail(KK_ERR_CUDA, "%s: cannot reserve %lld bytes of shared memory: %s", fn,
                     (long long)smem_limit, cudaGetErrorString(err));
   const dim3 grid((unsigned)ceil_div(batch, BM), (unsigned)plan.groups, (unsigned)plan.nz);
-  monarch_fwd_kernel<T, BM><<<grid, kFwdThreads, (size_t)plan.smem_bytes, stream>>>(P);
+  kk::launch(monarch_fwd_kernel<T, BM>, grid, dim3(kFwdThreads), (size_t)plan.smem_bytes, stream, P);
   return check_launch(fn);
 }
 
@@ -671,7 +671,8 @@ kk_status gemm_launch(const char* fn, GemmParams P, int64_t groups, int64_t nspl
   // Across threads, walk the operand dimension with the smaller stride (coalescing).
   P.a_m_fast = P.sAm < P.sAk ? 1 : 0;
   P.b_n_fast = P.sBn < P.sBk ? 1 : 0;
-  monarch_gemm_kernel<TA, TB, TC><<<dim3((unsigned)blocks, (unsigned)nsplit), kGThreads, 0, stream>>>(P);
+  kk::launch(monarch_gemm_kernel<TA, TB, TC>, dim3((unsigned)blocks, (unsigned)nsplit), dim3(kGThreads), 0,
+             stream, P);
   return check_launch(fn);
 }
 
@@ -689,7 +690,8 @@ kk_status weight_grad_launch(const char* fn, GemmParams P, int64_t groups, int64
   kk_status st = gemm_launch<TA, TB, float>(fn, P, groups, nsplit, stream);
   if (st != KK_OK) return st;
   const int64_t blocks = imin64(ceil_div(size, 256), 4096);
-  monarch_reduce_splits_kernel<T><<<(unsigned)blocks, 256, 0, stream>>>(partial, size, (int)nsplit, dst);
+  kk::launch(monarch_reduce_splits_kernel<T>, dim3((unsigned)blocks), dim3(256), 0, stream,
+             static_cast<const float*>(partial), size, (int)nsplit, dst);
   return check_launch(fn);
 }
 
