@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Device check for kernelkit on a GPU machine without network: build with CUDA, run the CUDA and
-# Triton tests on the real GPU, run the Monarch benchmark, and write a summary.
+# Triton tests on the real GPU, the CUDA kernels under compute-sanitizer (memcheck, racecheck,
+# synccheck), the Monarch benchmark, and write a summary.
 #
 # Run from the repository root:  OUT=/some/dir bash bench/device_check.sh
 # Everything goes under $OUT (default ./device-out), at most 7 files:
-#   env.log  build.log  tests.log  bench.log  monarch_cuda.csv  monarch_cuda.png  SUMMARY.md
+#   env.log  build.log  tests.log  sanitizer.log  bench.log  monarch_cuda.csv  SUMMARY.md
+# (monarch_cuda.png too when matplotlib is there: 8 files, the device tool's limit)
 # Steps never abort the script; each one's exit code and seconds are in SUMMARY.md.  The whole run
 # is kept under BUDGET_S seconds (default 460): each step's timeout is cut to the time left.
 # Knobs: PYTHON (default python), BUDGET_S, BENCH_REPEATS (default 20), KERNELKIT_CUDA_ARCHS
@@ -13,7 +15,7 @@ set -euo pipefail
 
 OUT="${OUT:-./device-out}"
 PY="${PYTHON:-python}"
-BUDGET_S="${BUDGET_S:-460}"
+BUDGET_S="${BUDGET_S:-480}"
 BENCH_REPEATS="${BENCH_REPEATS:-20}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"
@@ -65,6 +67,15 @@ step import build.log 60 "$PY" -c 'import kernelkit; print(kernelkit.backends("c
 
 # (c) tests on the real GPU (failures are recorded, not fatal)
 step tests_cuda tests.log 150 "$PY" -m pytest tests -m cuda -q -p no:cacheprovider -rfEs
+
+# (c2) the CUDA kernels under compute-sanitizer: out-of-bounds and misaligned accesses (memcheck,
+# with torch's caching allocator off so that every tensor is its own allocation), shared-memory
+# races (racecheck) and barrier misuse (synccheck).  Small shapes only: the tools are slow.
+CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo compute-sanitizer)
+for tool in memcheck racecheck synccheck; do
+  step "sanitizer_$tool" sanitizer.log 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$CS" --tool "$tool" \
+    --error-exitcode 3 "$PY" -m pytest tests/test_monarch_cuda.py -m cuda -k sanitizer_cases -q -p no:cacheprovider -x
+done
 step tests_triton tests.log 120 "$PY" -m pytest tests/test_monarch_triton.py -q -p no:cacheprovider -rfE
 
 # (d) benchmark
@@ -97,6 +108,11 @@ S="$OUT/SUMMARY.md"
     tail -n 40 "$OUT/build.log"
     echo '```'
   fi
+  echo
+  echo "## compute-sanitizer"
+  echo '```'
+  grep -E '^========= (ERROR SUMMARY|[A-Z].*(Invalid|Race|Barrier|error))|^### sanitizer_.*exit' "$OUT/sanitizer.log" | head -n 30 || echo "(no sanitizer output)"
+  echo '```'
   echo
   echo "## bench"
   echo '```'

@@ -77,3 +77,22 @@ def test_cuda_backend_respects_the_current_stream():
         out = monarch_matmul(x, w1, w2, backend="cuda")
     s.synchronize()
     assert_close(out, monarch_reference(x.double(), w1.double(), w2.double()), torch.float32, "stream")
+
+
+# Small enough to run under compute-sanitizer (memcheck, racecheck, synccheck) in bench/device_check.sh
+# within its budget, yet covering the forward's cached and recomputing plans and the batch-split
+# backward (batch >= 1024).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("shape,batch", [((4, 6, 5, 3, 7, 8), 37), ((16, 8, 8, 16, 12, 8), 17),
+                                         ((2, 16, 9, 8, 40, 4), 300), ((4, 6, 5, 3, 7, 8), 1100)])
+def test_cuda_sanitizer_cases(shape, batch, dtype):
+    (_, _, _, _), (x, w1, w2, dout) = _data(shape, dtype, batch, seed=5)
+    x64, w164, w264, d64 = (t.double().cpu() for t in (x, w1, w2, dout))
+    leaves = [t.clone().requires_grad_() for t in (x, w1, w2)]
+    out = monarch_matmul(*leaves, backend="cuda")
+    out.backward(dout)
+    torch.cuda.synchronize()
+    assert_close(out, monarch_reference(x64, w164, w264), dtype, "out")
+    from kernelkit.monarch.reference import monarch_reference_bwd
+    for got, want, what in zip((t.grad for t in leaves), monarch_reference_bwd(x64, w164, w264, d64), ("dx", "dw1", "dw2")):
+        assert_close(got, want, dtype, what)
