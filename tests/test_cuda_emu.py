@@ -177,3 +177,150 @@ def test_the_a100_preset_has_its_smaller_opt_in_limit(emu):
         assert emu.lib.kkemu_selftest_launch(_ptr(out), 1, 1, 1, 32, 1, 1, 0, 166912 - 32768 + 1) == INVALID_VALUE
     finally:
         emu.set_device("h100")
+
+
+# ---- kk::ptx (csrc/cuda/ptx.cuh): mma, ldmatrix and cp.async under the emulation -----------------
+
+def _bits16(x: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """float32 data rounded to bf16/f16: (bit patterns as uint16, the rounded values as float64)."""
+    t = torch.from_numpy(x).to(dtype)
+    return t.view(torch.int16).numpy().view(np.uint16).copy(), t.double().numpy()
+
+
+def _mma_data(rng, tiles, k):
+    a = rng.standard_normal((tiles, 16, k)).astype(np.float32)
+    b = rng.standard_normal((tiles, k, 8)).astype(np.float32)
+    c = rng.standard_normal((tiles, 16, 8)).astype(np.float32)
+    return a, b, c
+
+
+def _tol(reference: np.ndarray, d: np.ndarray) -> None:
+    # the emulation rounds each (nearly exact) dot product once to float
+    np.testing.assert_allclose(d, reference, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("schedule", ["forward", "shuffle"])
+@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, 0), (torch.float16, 1)])
+def test_mma_m16n8k16_with_fragments_loaded_by_the_documented_layout(emu, dtype, kind, schedule):
+    blocks, warps = 2, 3  # every warp its own tile
+    tiles = blocks * warps
+    a, b, c = _mma_data(np.random.default_rng(10 + kind), tiles, 16)
+    (abits, a64), (bbits, b64) = _bits16(a, dtype), _bits16(b, dtype)
+    d = np.full((tiles, 16, 8), -7.0, np.float32)
+    emu.set_schedule(schedule, seed=5)
+    try:
+        rc = emu.lib.kkemu_selftest_mma_k16(_ptr(abits), _ptr(bbits), _ptr(c), _ptr(d), kind, blocks, warps)
+    finally:
+        emu.set_schedule("forward")
+    assert rc == 0, emu.lib.kkemu_selftest_error()
+    _tol(a64 @ b64 + c, d)
+    # the product itself matters, not only C: a layout bug in A or B cannot hide in the tolerance
+    assert np.abs(d - c).max() > 1.0
+
+
+@pytest.mark.parametrize("b_layout", [0, 1], ids=["B[k][n]+x2.trans", "B[n][k]+x2"])
+@pytest.mark.parametrize("dtype,kind", [(torch.bfloat16, 0), (torch.float16, 1)])
+def test_mma_m16n8k16_with_fragments_loaded_by_ldmatrix(emu, dtype, kind, b_layout):
+    blocks = 2  # two warps each
+    a, b, c = _mma_data(np.random.default_rng(20 + kind), 2 * blocks, 16)
+    (abits, a64), (bbits, b64) = _bits16(a, dtype), _bits16(b, dtype)
+    d = np.full((2 * blocks, 16, 8), -7.0, np.float32)
+    rc = emu.lib.kkemu_selftest_mma_ldmatrix(_ptr(abits), _ptr(bbits), _ptr(c), _ptr(d), kind, b_layout, blocks)
+    assert rc == 0, emu.lib.kkemu_selftest_error()
+    _tol(a64 @ b64 + c, d)
+
+
+def test_mma_m16n8k8_tf32_truncates_the_operands(emu):
+    blocks, warps = 1, 2
+    a, b, c = _mma_data(np.random.default_rng(30), blocks * warps, 8)
+    d = np.full((blocks * warps, 16, 8), -7.0, np.float32)
+    rc = emu.lib.kkemu_selftest_mma_tf32(_ptr(a), _ptr(b), _ptr(c), _ptr(d), blocks, warps)
+    assert rc == 0, emu.lib.kkemu_selftest_error()
+
+    def tf32(x):  # the low 13 mantissa bits ignored
+        return (x.view(np.uint32) & np.uint32(0xFFFFE000)).view(np.float32).astype(np.float64)
+
+    _tol(tf32(a) @ tf32(b) + c, d)
+    full = a.astype(np.float64) @ b.astype(np.float64) + c
+    assert np.abs(d - full).max() > 1e-4, "operands must not be used at full float precision"
+
+
+def _ldmatrix_expected(image, perm, num, trans):
+    """r[lane, i] per the PTX ISA: matrix i's row j is image row perm[8i + j]; lane l gets row l/4,
+    columns 2(l%4), 2(l%4)+1 (low half first); with .trans, column l/4 of rows 2(l%4), 2(l%4)+1."""
+    out = np.zeros((32, 4), np.uint32)
+    for i in range(num):
+        m = image[perm[8 * i: 8 * i + 8], :8].astype(np.uint32)  # the 8x8 matrix as stored
+        if trans:
+            m = m.T
+        for lane in range(32):
+            r, c = lane // 4, 2 * (lane % 4)
+            out[lane, i] = m[r, c] | (m[r, c + 1] << 16)
+    return out
+
+
+@pytest.mark.parametrize("trans", [0, 1])
+@pytest.mark.parametrize("num", [1, 2, 4])
+@pytest.mark.parametrize("stride", [8, 24, 40])
+def test_ldmatrix_element_by_element(emu, num, trans, stride):
+    rng = np.random.default_rng(100 * num + 10 * trans + stride)
+    image = rng.integers(0, 1 << 16, size=(32, stride), dtype=np.uint16)
+    perm = rng.permutation(32).astype(np.int32)  # rows in any order and place
+    out = np.zeros((32, 4), np.uint32)
+    rc = emu.lib.kkemu_selftest_ldmatrix(_ptr(image), _ptr(perm), _ptr(out), num, trans, stride)
+    assert rc == 0, emu.lib.kkemu_selftest_error()
+    np.testing.assert_array_equal(out, _ldmatrix_expected(image, perm, num, trans))
+
+
+def test_cp_async_lands_only_when_wait_group_completes_its_group(emu):
+    src = np.random.default_rng(40).standard_normal(64 * 16).astype(np.float32)
+    out = np.zeros((64, 6, 16), np.float32)
+    assert emu.lib.kkemu_selftest_cp_async(_ptr(src), _ptr(out)) == 0, emu.lib.kkemu_selftest_error()
+    src = src.reshape(64, 16)
+    # slots: group 1 -> [0, 4), group 2 -> [4, 8), group 3 -> [8, 12), uncommitted -> [12, 16)
+    landed = {0: 0, 1: 4, 2: 8, 3: 12, 4: 16, 5: 16}  # snapshot -> floats that must have arrived
+    for snap, n in landed.items():
+        np.testing.assert_array_equal(out[:, snap, :n], src[:, :n], err_msg=f"snapshot {snap}")
+        assert np.isnan(out[:, snap, n:]).all(), f"snapshot {snap}: data read before its wait must be poison"
+
+
+@pytest.mark.parametrize("schedule", ["forward", "reverse", "shuffle"])
+def test_cp_async_data_reaches_other_threads_only_after_wait_and_barrier(emu, schedule):
+    src = np.arange(256, dtype=np.float32)
+    out = np.zeros(256, np.float32)
+    emu.set_schedule(schedule, seed=3)
+    try:
+        assert emu.lib.kkemu_selftest_cp_async_share(_ptr(src), _ptr(out), 1) == 0, emu.lib.kkemu_selftest_error()
+        np.testing.assert_array_equal(out.reshape(64, 4), np.roll(src.reshape(64, 4), -1, axis=0))
+        # without the wait the barrier does not cover the copies: the neighbour's data is still in
+        # flight (old contents), and threads may exit with copies pending
+        out[:] = 0
+        assert emu.lib.kkemu_selftest_cp_async_share(_ptr(src), _ptr(out), 0) == 0, emu.lib.kkemu_selftest_error()
+        assert np.isnan(out).all()
+    finally:
+        emu.set_schedule("forward")
+
+
+@pytest.mark.parametrize("which,needle", [
+    (0, "lane 7 has exited, and the instruction needs all 32 lanes"),
+    (1, "lane 16 waits in mma.sync.aligned at"),
+    (2, "the warp has only 16 threads"),
+    (3, "shared-memory destination"),
+    (4, "global source"),
+    (5, "is not in the block's shared memory"),
+    (6, "is not 16-byte aligned"),
+    (7, "is not in the block's shared memory"),
+    (8, "was modified before the copy completed"),
+    (9, "two copies of one cp.async-group write the same shared memory"),
+    (10, "deadlock"),
+    (11, "lane 16 executes it as ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 (the warp's lanes must use the "
+         "same qualifiers)"),
+])
+def test_ptx_misuse_is_reported(emu, which, needle):
+    g = np.zeros(64, np.float32)
+    rc = emu.lib.kkemu_selftest_bad_ptx(_ptr(g), which)
+    msg = emu.lib.kkemu_selftest_error().decode()
+    assert rc == LAUNCH_FAILURE, msg
+    assert needle in msg and "bad_ptx_kernel" in msg, msg
+    if which in (3, 4):
+        assert "misaligned (needs 16-byte alignment)" in msg, msg

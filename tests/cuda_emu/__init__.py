@@ -1,10 +1,11 @@
 """Build and load the CUDA host emulation library (tests only).
 
 The library is compiled from the checkout's own ``csrc/cuda/*.cu`` (as host C++, with this
-folder's ``include/`` first on the include path) plus ``csrc/cpu/status.cpp`` and ``kkemu.cpp``,
-and exports the same ``kk_*_cuda`` entry points as the product's ``libkernelkit_cuda.so``, over
-host memory.  It is cached by content: the key hashes every source and header it is built from,
-the compiler's version and the flags, so editing a ``.cu`` file is what the next test run checks.
+folder's ``include/`` first on the include path) plus ``csrc/cpu/status.cpp``, ``kkemu.cpp`` and
+``kkemu_ptx.cpp`` (the PTX instructions behind ``csrc/cuda/ptx.cuh``), and exports the same
+``kk_*_cuda`` entry points as the product's ``libkernelkit_cuda.so``, over host memory.  It is
+cached by content: the key hashes every source and header it is built from, the compiler's
+version and the flags, so editing a ``.cu`` file is what the next test run checks.
 
     python tests/cuda_emu/__init__.py [--sanitize]     # build (or find) it and print its path
 
@@ -31,7 +32,8 @@ SANITIZE_FLAGS = ["-O1", "-g", "-fno-omit-frame-pointer", "-fsanitize=address,un
 
 
 def _sources(cuda_dir: Path) -> list[Path]:
-    return sorted(cuda_dir.glob("*.cu")) + [CSRC / "cpu" / "status.cpp", HERE / "kkemu.cpp", HERE / "selftest.cu"]
+    return sorted(cuda_dir.glob("*.cu")) + [CSRC / "cpu" / "status.cpp", HERE / "kkemu.cpp", HERE / "kkemu_ptx.cpp",
+                                            HERE / "selftest.cu"]
 
 
 def _flags(cuda_dir: Path, sanitize: bool, opt: str = "-O2") -> list[str]:
@@ -44,6 +46,7 @@ def _flags(cuda_dir: Path, sanitize: bool, opt: str = "-O2") -> list[str]:
 def _key(cuda_dir: Path, sanitize: bool, opt: str, cxx: str) -> str:
     h = hashlib.sha256()
     files = (_sources(cuda_dir) + sorted(cuda_dir.glob("*.cuh")) + sorted((HERE / "include").glob("*.h"))
+             + sorted(HERE.glob("*.h"))
              + sorted((CSRC / "include").rglob("*.h")) + sorted((CSRC / "cpu").glob("*.h")) + [Path(__file__)])
     for f in files:
         h.update(f.name.encode())

@@ -35,6 +35,8 @@
 #include <ucontext.h>
 #endif
 
+#include "kkemu_internal.h"
+
 namespace kkemu {
 
 thread_local uint3 t_tid{0, 0, 0};
@@ -239,6 +241,7 @@ struct Fiber {
   unsigned mask = 0;
   uint64_t value = 0, result = 0;
   int arg = 0, width = 32;
+  AsyncQueue async;  // cp.async copies in flight (kkemu_ptx.cpp)
 };
 
 constexpr size_t kStackSize = 256 * 1024;
@@ -256,6 +259,10 @@ struct Runner {
   size_t sched_size = 0;
   const Body* body = nullptr;
   std::string fault;  // set by a fiber or the scheduler: the block's launch fails
+  // The running launch's shared memory, for the address checks of ldmatrix and cp.async.
+  const std::vector<SharedVar>* shared_vars = nullptr;
+  const char* dyn_smem = nullptr;
+  size_t dyn_bytes = 0;
   int mode = 0;       // fiber order between barriers: 0 forward, 1 reverse, 2 shuffled
   uint64_t seed = 0;
   uint64_t switches = 0;
@@ -316,6 +323,7 @@ void fiber_reset(Runner& R, Fiber* f) {
               2, (unsigned)(p >> 32), (unsigned)p);
 #endif
   f->state = St::kRunnable;
+  f->async.clear();  // copies a thread left in flight when it exited are dropped (kkemu_ptx.cpp)
 }
 
 // Scheduler -> fiber f, until f blocks, finishes or faults.
@@ -387,6 +395,8 @@ const char* op_name(WarpOp op) {
     case kBallot: return "__ballot_sync/__any_sync/__all_sync";
     case kSyncwarp: return "__syncwarp";
     case kMatchAny: return "__match_any_sync";
+    case kMma: return "mma.sync.aligned";
+    case kLdmatrix: return "ldmatrix.sync.aligned";
   }
   return "?";
 }
@@ -394,8 +404,11 @@ const char* op_name(WarpOp op) {
 // Resolves every warp collective whose lanes have all arrived.  As in the PTX ISA (shfl.sync,
 // vote.sync, bar.warp.sync), a collective waits for the non-exited threads of its mask: lanes that
 // exited, or do not exist in a partial last warp, are not waited for, but reading a value from one
-// is undefined, so a shuffle that does is reported.  Returns whether any collective was resolved;
-// sets R.fault for a misuse that would hang or be undefined on the device.
+// is undefined, so a shuffle that does is reported.  The matrix instructions (mma, ldmatrix) are
+// .aligned: every lane of the warp executes the same instruction with the same qualifiers, and a
+// lane that exited (or a partial warp) makes them undefined, so that is reported too.  Returns
+// whether any collective was resolved; sets R.fault for a misuse that would hang or be undefined
+// on the device.
 bool resolve_warps(Runner& R, int n) {
   bool any = false;
   for (int w0 = 0; w0 < n && R.fault.empty(); w0 += 32) {
@@ -404,7 +417,8 @@ bool resolve_warps(Runner& R, int n) {
       Fiber* f = R.fibers[w0 + l];
       if (f->state != St::kWarp) continue;
       const unsigned M = f->mask;
-      const std::string where = fmt("%s at %s:%d (%s, mask 0x%08x)", op_name(f->op), f->file, f->line,
+      const std::string name = f->op >= kMma ? matrix_op_name(f->op, f->arg) : std::string(op_name(f->op));
+      const std::string where = fmt("%s at %s:%d (%s, mask 0x%08x)", name.c_str(), f->file, f->line,
                                     thread_str(f).c_str(), M);
       if (!(M >> l & 1u)) {
         R.fault = where + ": the mask does not include the calling lane";
@@ -422,16 +436,36 @@ bool resolve_warps(Runner& R, int n) {
         if (g->state == St::kDone) continue;
         live |= 1u << j;
         if (g->state == St::kWarp) {
-          const bool same = g->op == f->op && g->mask == M &&
-                            (f->op == kSyncwarp || (g->line == f->line && std::strcmp(g->file, f->file) == 0));
-          if (!same)
+          const bool site = f->op == kSyncwarp || (g->line == f->line && std::strcmp(g->file, f->file) == 0);
+          if (g->op != f->op || g->mask != M || !site)
             R.fault = where + fmt(": lane %d waits in %s at %s:%d with mask 0x%08x instead", j, op_name(g->op),
                                   g->file, g->line, g->mask);
+          else if (f->op >= kMma && g->arg != f->arg)
+            R.fault = where + fmt(": lane %d executes it as %s (the warp's lanes must use the same qualifiers)", j,
+                                  matrix_op_name(g->op, g->arg).c_str());
         } else {
           ready = false;  // still running, or at a block barrier (a deadlock if it stays there)
         }
       }
       if (!ready || !R.fault.empty()) continue;
+      if (f->op >= kMma) {
+        if (live != 0xffffffffu) {
+          const int j = __builtin_ctz(~live);
+          R.fault = where + (j >= nl ? fmt(": the warp has only %d threads (a partial last warp), and the "
+                                           "instruction needs all 32 lanes",
+                                           nl)
+                                     : fmt(": lane %d has exited, and the instruction needs all 32 lanes of the "
+                                           "warp",
+                                           j));
+          break;
+        }
+        void* lanes[32];
+        for (int j = 0; j < 32; ++j) lanes[j] = reinterpret_cast<void*>(R.fibers[w0 + j]->value);
+        resolve_matrix_op(f->op, f->arg, lanes);
+        for (int j = 0; j < 32; ++j) R.fibers[w0 + j]->state = St::kRunnable;
+        any = true;
+        continue;
+      }
       for (int j = 0; j < nl && R.fault.empty(); ++j) {
         if (!(live >> j & 1u)) continue;
         Fiber* g = R.fibers[w0 + j];
@@ -624,6 +658,9 @@ void launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, cudaStr
   B.grid_dim = grid;
   B.dyn_smem = dyn;
   R.body = &body;
+  R.shared_vars = &K.vars;
+  R.dyn_smem = static_cast<const char*>(dyn);
+  R.dyn_bytes = smem;
   R.fault.clear();
   R.mode = g_mode;
   for (uint64_t bz = 0; bz < grid.z && R.fault.empty(); ++bz)
@@ -645,6 +682,9 @@ void launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, cudaStr
         }
       }
   R.body = nullptr;
+  R.shared_vars = nullptr;
+  R.dyn_smem = nullptr;
+  R.dyn_bytes = 0;
   std::free(dyn);
 }
 
@@ -681,6 +721,19 @@ uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int 
 }
 
 unsigned lane_id() { return (unsigned)(current("lane id")->linear % 32); }
+
+AsyncQueue& current_async_queue(const char* what) { return current(what)->async; }
+
+bool in_shared_memory(const void* p, size_t n) {
+  const Runner* R = t_runner;
+  if (!R || !R->shared_vars) return false;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const auto inside = [&](uintptr_t base, size_t size) { return a >= base && n <= size && a - base <= size - n; };
+  if (R->dyn_smem && inside(reinterpret_cast<uintptr_t>(R->dyn_smem), R->dyn_bytes)) return true;
+  for (const SharedVar& v : *R->shared_vars)
+    if (inside(v.addr, v.size)) return true;
+  return false;
+}
 
 unsigned active_mask() {
   Fiber* f = current("__activemask");

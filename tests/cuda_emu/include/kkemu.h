@@ -17,7 +17,12 @@
 //    within groups of 32 lanes, honour the mask, and report a lane of the mask that never arrives;
 //  - atomics are atomic; __half / __nv_bfloat16 convert with round-to-nearest-even;
 //  - launches are checked against the card's limits (threads per block, block and grid
-//    dimensions, static + dynamic shared memory with and without the opt-in attribute).
+//    dimensions, static + dynamic shared memory with and without the opt-in attribute);
+//  - the tensor-core and asynchronous-copy instructions of csrc/cuda/ptx.cuh (mma, ldmatrix,
+//    cp.async; kkemu_ptx.cpp) move data by the PTX ISA's exact fragment layouts, need all 32 lanes
+//    of the warp for mma and ldmatrix, fault on misaligned or non-shared addresses, and land a
+//    cp.async in shared memory only at the wait_group that completes it, so reading it earlier
+//    yields the poisoned old contents.
 // Fiber order between barriers is forward, reverse or shuffled (kkemu_set_schedule), so both
 // read-after-write and write-after-read hazards of a missing barrier show up.
 #pragma once
@@ -178,13 +183,25 @@ KKEMU_EXPORT void syncthreads(const char* file, int line);
 KKEMU_EXPORT int syncthreads_count(int pred, const char* file, int line);
 
 // Warp collectives.  kind: see kkemu.cpp; value: the lane's operand as raw bits.
-enum WarpOp : int { kShfl, kShflUp, kShflDown, kShflXor, kBallot, kSyncwarp, kMatchAny };
+// kMma and kLdmatrix are the .sync.aligned matrix instructions (kkemu_ptx.cpp): value points to the
+// lane's operands, arg encodes the instruction's qualifiers.
+enum WarpOp : int { kShfl, kShflUp, kShflDown, kShflXor, kBallot, kSyncwarp, kMatchAny, kMma, kLdmatrix };
 KKEMU_EXPORT uint64_t warp_collective(WarpOp op, unsigned mask, uint64_t value, int arg, int width,
                                       const char* file, int line);
 KKEMU_EXPORT unsigned lane_id();
 KKEMU_EXPORT unsigned active_mask();
 // A kernel-side error (e.g. __trap): fails the launch with `what`.
 [[noreturn]] KKEMU_EXPORT void kernel_fault(const char* what, const char* file, int line);
+
+// The PTX instructions behind kk::ptx (csrc/cuda/ptx.cuh), emulated in kkemu_ptx.cpp.  mma_sync and
+// ldmatrix_sync are warp collectives; file and line are the calling kernel's.
+enum MmaType : int { kMmaBf16, kMmaF16, kMmaTf32 };
+KKEMU_EXPORT void mma_sync(MmaType type, float* d, const uint32_t* a, const uint32_t* b, const float* c,
+                           const char* file, int line);
+KKEMU_EXPORT void ldmatrix_sync(int num, bool trans, uint32_t* r, const void* row, const char* file, int line);
+KKEMU_EXPORT void cp_async(void* dst, const void* src, int bytes, const char* file, int line);
+KKEMU_EXPORT void cp_async_commit();
+KKEMU_EXPORT void cp_async_wait(int pending);
 
 template <typename T>
 uint64_t to_bits(const T& v) {
