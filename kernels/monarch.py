@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import os
 
 import torch
@@ -305,6 +306,8 @@ def _sm_count_cuda(index: int) -> int:
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return _sm_count_cuda(device.index if device.index is not None else torch.cuda.current_device())
+    if device.type == "meta":
+        return _AOT_SM_COUNT   # aot_sweep: size the batch splits as for a real GPU
     return 2
 
 
@@ -522,6 +525,48 @@ def monarch_bwd(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, dout: torch
                 _launch_reduce(dt, dt.stride(0), q, 1, x, x.stride(0), p, 1, dw1, B, k, q, p,
                                cfg, mode)
     return dx, dw1, dw2
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ahead-of-time compile coverage (tests/triton_aot.py)
+# ----------------------------------------------------------------------------------------------------
+# The dtypes kernelkit.monarch.ops sends to these kernels on a GPU (_SUPPORTED["triton"]; float64 only
+# runs here under the interpreter).  Keep the two in step.
+AOT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Sweep sizes: powers of two from the tl.dot minimum (16) to one past the largest tile cap and fused-
+# forward limit (256), so every size-dependent choice above (_tile, _pick_br, _fwd_two_pass, the
+# per-mode caps and num_warps) takes each of its values for some shape.  Extend it when a cap grows.
+# Multiples of 16 keep every size-derived kernel argument 16-divisible and != 1, i.e. specialized by
+# Triton as for real layer shapes; the only arguments equal to 1 are the launchers' literal unit
+# strides, which are constexpr 1 in every real launch too.
+_AOT_SIZES = (16, 32, 64, 128, 256, 512)
+_AOT_BATCHES = (16, 4096)   # one batch tile (never split) / many (split weight-gradient reductions)
+_AOT_SM_COUNT = 132         # the meta tensors' stand-in GPU (H100 / H200) for _launch_reduce's splits
+
+
+def aot_sweep() -> int:
+    """Drive the GPU launch paths over every dtype, allow_tf32 and a shape sweep that reaches every
+    tile choice, on meta tensors (nothing is allocated or run).  tests/triton_aot.py intercepts the
+    kernel launches this makes and compiles each distinct one for the GPU targets, so the checked
+    configurations are the launchers' own choices and cannot drift from them.  Returns the number of
+    (shape, dtype, flag) points driven."""
+    if _INTERPRET:
+        raise RuntimeError("aot_sweep: TRITON_INTERPRET=1 selects the interpreter's tiles, not the GPU's")
+    n = 0
+    sizes = _AOT_SIZES
+    for dtype, allow_tf32, k, q, p, l, s, B in itertools.product(
+            AOT_DTYPES, (False, True), (1, 4), sizes, sizes, (2, 4), sizes, _AOT_BATCHES):
+        r, rem = divmod(k * q, l)
+        if rem or r % 16:     # l*r == k*q, and r a multiple of 16 like the other sizes
+            continue
+        meta = dict(device="meta", dtype=dtype)
+        x = torch.empty(B, k * p, **meta)
+        w1 = torch.empty(k, q, p, **meta)
+        w2 = torch.empty(l, s, r, **meta)
+        monarch_fwd(x, w1, w2, allow_tf32=allow_tf32)
+        monarch_bwd(x, w1, w2, torch.empty(B, l * s, **meta), allow_tf32=allow_tf32)
+        n += 1
+    return n
 
 
 __all__ = ["monarch_fwd", "monarch_bwd"]
