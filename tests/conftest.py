@@ -12,6 +12,25 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# Hypothesis profiles (property tests, tests/test_monarch_properties.py), chosen by the environment
+# variable HYPOTHESIS_PROFILE:
+#   ci   (default): the same examples on every run (derandomized, fixed seed), so CI is reproducible
+#        and `python -m pytest tests -q` needs no flags; each test sets its own max_examples as a
+#        fraction of this profile's 1000.
+#   slow: 10x the examples, freshly random each run, to look further (e.g. nightly or by hand).
+# No deadline: timings on shared CI machines and under the Triton interpreter vary too much.  A
+# failure prints its reproduction blob (@reproduce_failure) since no example database is kept.
+try:
+    from hypothesis import settings
+except ImportError:  # the property tests skip themselves; everything else still runs
+    pass
+else:
+    settings.register_profile("ci", max_examples=1000, derandomize=True, deadline=None, database=None,
+                              print_blob=True)
+    settings.register_profile("slow", max_examples=10_000, derandomize=False, deadline=None,
+                              database=None, print_blob=True)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

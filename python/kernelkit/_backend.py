@@ -6,6 +6,7 @@ For each call the backend is, in order of precedence:
   2. the innermost ``with kernelkit.backend(name):`` block;
   3. the environment variable ``KERNELKIT_BACKEND``;
   4. the first backend in the device's priority list that can run this call.
+A backend name that is not a str raises TypeError, an unknown name ValueError.
 A backend chosen by 1-3 that cannot run raises BackendUnavailableError with the reason; in 4 a
 backend that cannot run is skipped, and the first time a call falls past a preferred backend a
 KernelkitFallbackWarning says why.
@@ -46,6 +47,8 @@ def _stack() -> list:
 
 
 def _check_name(name: str, where: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{where}: backend must be a str, one of {', '.join(BACKENDS)}; got {type(name).__name__}")
     if name not in BACKENDS:
         raise ValueError(f"{where}: backend must be one of {', '.join(BACKENDS)}; got {name!r}")
     return name

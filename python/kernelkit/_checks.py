@@ -10,6 +10,10 @@ FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def tensor(t, name: str, fn: str, ndim: int | None = None, min_ndim: int | None = None) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided or t.is_nested:
+        # the kernels read plain strided memory; sparse/nested tensors fail deep inside torch otherwise
+        kind = "nested" if t.is_nested else str(t.layout).replace("torch.", "")
+        raise TypeError(f"{fn}: {name} must be a dense (strided) tensor, got a {kind} tensor")
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{fn}: {name} must be {ndim}-D, got shape {tuple(t.shape)}")
     if min_ndim is not None and t.dim() < min_ndim:
@@ -30,4 +34,11 @@ def same(fn: str, ref_name: str, ref: torch.Tensor, **others: torch.Tensor) -> N
 def rows(t: torch.Tensor) -> torch.Tensor:
     """2-D tensor with unit inner stride and a row stride >= the width (what the kernels take);
     copies only when the layout is not already like that (e.g. transposed or expanded)."""
-    return t if t.stride(1) == 1 and t.stride(0) >= t.size(1) else t.contiguous()
+    def ok(u):
+        return u.stride(1) == 1 and u.stride(0) >= u.size(1)
+    if ok(t):
+        return t
+    t = t.contiguous()
+    # contiguous() keeps any stride on a size-1 dimension (a single expanded row has row stride 0,
+    # a (1, 1) expanded gradient strides (0, 0)), which the native checks reject: force a fresh copy.
+    return t if ok(t) else t.clone(memory_format=torch.contiguous_format)

@@ -2,14 +2,23 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import _backend, _checks
 from .ops import monarch_matmul
 from .projection import monarch_shapes, project
 from .reference import monarch_to_dense
+
+
+def _positive_int(v, name: str) -> int:
+    # bool is an int subclass, but MonarchLinear(64, 64, True) is a misplaced `bias`, not nblocks=1
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v <= 0:
+        raise ValueError(f"MonarchLinear: {name} must be a positive int, got {v!r}")
+    return int(v)
 
 
 class MonarchLinear(nn.Module):
@@ -19,14 +28,23 @@ class MonarchLinear(nn.Module):
     ``out_features``.  Parameters are named like HazyResearch/fly's MonarchLinear (``blkdiag1``,
     ``blkdiag2``, ``bias``) with the same shapes, so fly checkpoints load with load_state_dict.
     ``backend`` pins a kernelkit backend for this layer (None = default choice per call).
+
+    Bad arguments raise ValueError (in_features, out_features or nblocks not a positive int,
+    nblocks > min(in_features, out_features), an unknown backend name) or TypeError (a dtype that
+    is not float32/float64/float16/bfloat16, a backend that is not a str).  forward raises what
+    :func:`monarch_matmul` raises, and ValueError when ``x.shape[-1] != in_features``.
     """
 
     def __init__(self, in_features: int, out_features: int, nblocks: int = 4, bias: bool = True,
                  device=None, dtype=None, backend: str | None = None):
         super().__init__()
-        for name, v in (("in_features", in_features), ("out_features", out_features), ("nblocks", nblocks)):
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"MonarchLinear: {name} must be a positive int, got {v!r}")
+        in_features, out_features, nblocks = (_positive_int(v, name) for name, v in (
+            ("in_features", in_features), ("out_features", out_features), ("nblocks", nblocks)))
+        if dtype is not None and dtype not in _checks.FLOAT_DTYPES:
+            raise TypeError(f"MonarchLinear: dtype must be float32/float64/float16/bfloat16 (or None), "
+                            f"got {dtype!r}")
+        if backend is not None:
+            _backend._check_name(backend, "MonarchLinear")  # fail here, not at the first forward
         if nblocks > min(in_features, out_features):
             raise ValueError(f"MonarchLinear: nblocks ({nblocks}) cannot exceed min(in_features, out_features) "
                              f"= {min(in_features, out_features)}")
@@ -50,6 +68,8 @@ class MonarchLinear(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, x: Tensor) -> Tensor:
+        # x is checked before F.pad, which fails on some bad inputs with messages about itself
+        _checks.tensor(x, "x", "MonarchLinear", min_ndim=1)
         if x.shape[-1] != self.in_features:
             raise ValueError(f"MonarchLinear: x.shape[-1] must be in_features={self.in_features}, got shape {tuple(x.shape)}")
         if self.in_features_extended != self.in_features:

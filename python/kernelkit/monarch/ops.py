@@ -183,13 +183,64 @@ monarch_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_context)
 def check_factors(w1: Tensor, w2: Tensor, fn: str) -> None:
     _checks.tensor(w1, "w1", fn, ndim=3)
     _checks.tensor(w2, "w2", fn, ndim=3)
+    for name, w in (("w1", w1), ("w2", w2)):
+        if 0 in w.shape:
+            raise ValueError(f"{fn}: {name} must have no empty dimension, got shape {tuple(w.shape)}")
     k, q, p = w1.shape
     l, s, r = w2.shape
-    if min(k, q, p, l, s, r) <= 0:
-        raise ValueError(f"{fn}: w1 {tuple(w1.shape)} and w2 {tuple(w2.shape)} must have no empty dimension")
     if l * r != k * q:
         raise ValueError(f"{fn}: w2 must consume w1's output: w2.shape[0]*w2.shape[2] (= {l}*{r} = {l * r}) "
                          f"must equal w1.shape[0]*w1.shape[1] (= {k}*{q} = {k * q})")
+
+
+_INT32_MAX = 2**31 - 1
+
+
+def _index_limits(backend: str, rows: int, k: int, q: int, p: int, l: int, s: int, r: int):
+    """(what, value, limit) for each size that ``backend`` indexes with 32-bit integers.
+
+    cuda: the checks of csrc/cuda/monarch.cu (check_shapes).  triton: kernels/monarch.py keeps
+    in-row offsets (< k*p, k*q, l*s and the factor sizes) and the batch-reduction trip count in
+    int32.  torch and cpu (int64 throughout) have no such limit."""
+    if backend == "cuda":
+        dims = [(f"w1.shape[{i}]", v) for i, v in enumerate((k, q, p))]
+        dims += [(f"w2.shape[{i}]", v) for i, v in enumerate((l, s, r))]
+        return [(what, v, _INT32_MAX) for what, v in dims] + [
+            ("x.shape[-1] (= k*p)", k * p, _INT32_MAX),
+            ("w1.shape[0]*w1.shape[1] (= k*q)", k * q, _INT32_MAX),
+            ("w2.shape[0]*w2.shape[1] (= l*s, the output width)", l * s, _INT32_MAX),
+            ("the number of rows of x (the product of x.shape[:-1])", rows, 16 * _INT32_MAX),
+        ]
+    if backend == "triton":
+        return [
+            ("x.shape[-1] (= k*p)", k * p, _INT32_MAX),
+            ("w1.shape[0]*w1.shape[1] (= k*q)", k * q, _INT32_MAX),
+            ("w2.shape[0]*w2.shape[1] (= l*s, the output width)", l * s, _INT32_MAX),
+            ("w1.numel() (= k*q*p)", k * q * p, _INT32_MAX),
+            ("w2.numel() (= l*s*r)", l * s * r, _INT32_MAX),
+            ("the number of rows of x (the product of x.shape[:-1])", rows, _INT32_MAX),
+        ]
+    return []
+
+
+def check_index_range(fn: str, backend: str, rows: int, w1_shape, w2_shape) -> None:
+    """ValueError, naming the argument, when ``backend`` cannot index a problem this large (before
+    anything is allocated or launched: inputs may be expanded views of huge logical size)."""
+    for what, value, limit in _index_limits(backend, rows, *w1_shape, *w2_shape):
+        if value > limit:
+            raise ValueError(f"{fn}: {what} = {value} exceeds {limit}, the largest size backend {backend!r} "
+                             f"indexes (32-bit offsets); use backend='torch' for a problem this large")
+
+
+def _autocast(x: Tensor, w1: Tensor, w2: Tensor):
+    """Like F.linear under torch.autocast: every float16/bfloat16/float32 input is cast to the
+    autocast dtype (custom ops are not cast by autocast itself); float64 is left alone, as autocast
+    leaves it.  Gradients still reach float32 parameters through the casts."""
+    dev = x.device.type
+    if not (torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)):
+        return x, w1, w2
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(t.to(dt) if t.dtype != torch.float64 else t for t in (x, w1, w2))
 
 
 def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: str | None = None) -> Tensor:
@@ -202,25 +253,34 @@ def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: str | None = N
         backend: ``"torch" | "cpu" | "triton" | "cuda"`` or None for the default (see kernelkit.backend).
     Returns:
         ``(..., l*s)`` tensor, same dtype and device as x.  Differentiable in x, w1 and w2.
-    Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as F.linear's are.
+    Raises:
+        TypeError: x, w1 or w2 is not a dense (strided) torch.Tensor of dtype float32, float64,
+            float16 or bfloat16, or their dtypes differ (after autocast), or backend is not a str.
+        ValueError: a wrong rank (x needs >= 1 dimension, w1 and w2 exactly 3), an empty factor
+            dimension, ``l*r != k*q``, ``x.shape[-1] != k*p``, inputs on different devices, an
+            unknown backend name, or a problem too large for the chosen backend: ``"triton"`` and
+            ``"cuda"`` index with 32-bit integers, so k*p, k*q and l*s must be < 2**31, and so must
+            w1.numel(), w2.numel() and the number of rows of x for triton, and each factor
+            dimension for cuda (whose rows must be < 16 * (2**31 - 1)).  ``"torch"`` and ``"cpu"``
+            have no such limit.  Checked before anything is copied or launched.
+        kernelkit.BackendUnavailableError: the requested backend cannot run here or this dtype.
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as F.linear's are
+    (float64 inputs are not cast, as autocast does not cast them).
     NaN/inf in the inputs propagate to the outputs they touch (as in a dense matmul); they are not
     checked, so that the op costs no extra pass over x.
     """
     fn = "monarch_matmul"
     _checks.tensor(x, "x", fn, min_ndim=1)
     check_factors(w1, w2, fn)
+    x, w1, w2 = _autocast(x, w1, w2)
     _checks.same(fn, "x", x, w1=w1, w2=w2)
     k, q, p = w1.shape
     l, s, r = w2.shape
     if x.shape[-1] != k * p:
         raise ValueError(f"{fn}: x.shape[-1] must equal w1.shape[0]*w1.shape[2] (= {k}*{p} = {k * p}), "
                          f"got x of shape {tuple(x.shape)}")
-    if torch.is_autocast_enabled(x.device.type):
-        # Like F.linear under autocast: compute in the autocast dtype (custom ops are not cast by
-        # autocast itself).  Gradients still reach float32 parameters through the casts.
-        dt = torch.get_autocast_dtype(x.device.type)
-        x, w1, w2 = x.to(dt), w1.to(dt), w2.to(dt)
     name = _backend.select(fn, x.device, backend, _supports(x.dtype, x.device))
+    check_index_range(fn, name, x.numel() // (k * p), w1.shape, w2.shape)
     x2 = _checks.rows(x.reshape(-1, k * p))
     out = torch.ops.kernelkit.monarch_fwd(x2, w1.contiguous(), w2.contiguous(), name)
     return out.reshape(*x.shape[:-1], l * s)
