@@ -57,3 +57,23 @@ def poison():
     finally:
         det.fill_uninitialized_memory = prev_fill
         torch.use_deterministic_algorithms(prev_mode, warn_only=prev_warn)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line per property test with its count of passing examples (from hypothesis's own
+    statistics, which its plugin keeps on each report), so the CI log shows how much was checked."""
+    import re
+
+    counts = {}
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            stats = getattr(report, "__dict__", {}).get("_hypothesis_stats")
+            if stats and getattr(report, "when", "") == "teardown":
+                n = sum(int(m) for m in re.findall(r"(\d+) passing examples?", stats))
+                counts[report.nodeid] = counts.get(report.nodeid, 0) + n
+    if not counts:
+        return
+    terminalreporter.section("hypothesis: passing examples per property test")
+    for nodeid, n in sorted(counts.items()):
+        terminalreporter.write_line(f"{n:7d}  {nodeid.split('::', 1)[-1]}")
+    terminalreporter.write_line(f"hypothesis: {len(counts)} property tests, {sum(counts.values())} examples")
