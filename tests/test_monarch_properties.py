@@ -479,6 +479,10 @@ M = _INT32_MAX
     ("triton", 1, (1, 2**16, 2**15), (1, 1, 2**16), True),
     ("triton", 1, (1, 2**16, 1), (1, 2**15, 2**16), True),
     ("triton", M + 1, (1, 1, 1), (1, 1, 1), True),
+    # triton launch grids put k and l on axis 1 (at most 65535 blocks)
+    ("triton", 1, (65535, 1, 1), (65535, 1, 1), False),
+    ("triton", 1, (65536, 1, 1), (65536, 1, 1), True),
+    ("triton", 1, (65536, 1, 1), (1, 1, 65536), True),
     # cuda (csrc/cuda/monarch.cu check_shapes): each dim, k*p, k*q, l*s, ceil(rows / 16)
     ("cuda", 16 * M, (1, 1, M), (1, M, 1), False),
     ("cuda", 16 * M + 1, (1, 1, 1), (1, 1, 1), True),
@@ -493,7 +497,7 @@ M = _INT32_MAX
 ])
 def test_index_range_limits_are_exact(backend, rows, w1, w2, raises):
     if raises:
-        with pytest.raises(ValueError, match=f"exceeds {M}|exceeds {16 * M}"):
+        with pytest.raises(ValueError, match=f"exceeds {M}|exceeds {16 * M}|exceeds 65535"):
             check_index_range("f", backend, rows, w1, w2)
     else:
         check_index_range("f", backend, rows, w1, w2)

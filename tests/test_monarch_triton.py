@@ -215,3 +215,11 @@ def test_two_pass_forward_for_wide_s(shape, dtype):
     out = torch.full((45, shape[3] * shape[4]), float("nan"), device=DEVICE, dtype=dtype)
     tk.monarch_fwd(x, w1, w2, out=out)
     assert _rel(out, monarch_reference(x64, w164, w264)) < TOL[dtype]
+
+
+def test_aot_sweep_compiles_every_dtype_the_gpu_sends_to_triton():
+    """tests/triton_aot.py compiles the dtypes in kernels/monarch.py's AOT_DTYPES: they must be the
+    ones kernelkit.monarch.ops sends to the Triton kernels on a GPU (float64 runs only here, under
+    the interpreter), or a dtype could reach a GPU without ever having been compiled for it."""
+    from kernelkit.monarch.ops import _SUPPORTED
+    assert set(tk.AOT_DTYPES) == set(_SUPPORTED["triton"])

@@ -196,6 +196,9 @@ def check_factors(w1: Tensor, w2: Tensor, fn: str) -> None:
 _INT32_MAX = 2**31 - 1
 
 
+_GRID_YZ_MAX = 65535  # CUDA's limit on a launch grid's y and z dimensions
+
+
 def _index_limits(backend: str, rows: int, k: int, q: int, p: int, l: int, s: int, r: int):
     """(what, value, limit) for each size that ``backend`` indexes with 32-bit integers.
 
@@ -219,6 +222,9 @@ def _index_limits(backend: str, rows: int, k: int, q: int, p: int, l: int, s: in
             ("w1.numel() (= k*q*p)", k * q * p, _INT32_MAX),
             ("w2.numel() (= l*s*r)", l * s * r, _INT32_MAX),
             ("the number of rows of x (the product of x.shape[:-1])", rows, _INT32_MAX),
+            # the launchers put the block index (k or l) on grid axis 1: at most 65535 programs
+            ("w1.shape[0] (= k, a launch grid axis)", k, _GRID_YZ_MAX),
+            ("w2.shape[0] (= l, a launch grid axis)", l, _GRID_YZ_MAX),
         ]
     return []
 
@@ -228,8 +234,9 @@ def check_index_range(fn: str, backend: str, rows: int, w1_shape, w2_shape) -> N
     anything is allocated or launched: inputs may be expanded views of huge logical size)."""
     for what, value, limit in _index_limits(backend, rows, *w1_shape, *w2_shape):
         if value > limit:
+            why = "blocks on a grid axis" if limit == _GRID_YZ_MAX else "32-bit offsets"
             raise ValueError(f"{fn}: {what} = {value} exceeds {limit}, the largest size backend {backend!r} "
-                             f"indexes (32-bit offsets); use backend='torch' for a problem this large")
+                             f"handles ({why}); use backend='torch' for a problem this large")
 
 
 def _autocast(x: Tensor, w1: Tensor, w2: Tensor):
@@ -260,7 +267,8 @@ def monarch_matmul(x: Tensor, w1: Tensor, w2: Tensor, *, backend: str | None = N
             dimension, ``l*r != k*q``, ``x.shape[-1] != k*p``, inputs on different devices, an
             unknown backend name, or a problem too large for the chosen backend: ``"triton"`` and
             ``"cuda"`` index with 32-bit integers, so k*p, k*q and l*s must be < 2**31, and so must
-            w1.numel(), w2.numel() and the number of rows of x for triton, and each factor
+            w1.numel(), w2.numel() and the number of rows of x for triton (whose launch grids
+            also put k and l on an axis of at most 65535 blocks), and each factor
             dimension for cuda (whose rows must be < 16 * (2**31 - 1)).  ``"torch"`` and ``"cpu"``
             have no such limit.  Checked before anything is copied or launched.
         kernelkit.BackendUnavailableError: the requested backend cannot run here or this dtype.
