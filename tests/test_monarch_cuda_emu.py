@@ -28,7 +28,7 @@ DEFAULT = ("h100", 0, 0)
 CASES = [
     ((4, 6, 5, 3, 7, 8), 37, DEFAULT),              # BM 16, h cached, one CTA column
     ((3, 10, 7, 5, 9, 6), 300, ("h100", 4, 0)),     # BM 64, cached
-    ((4, 33, 17, 4, 33, 33), 100, ("h100", 4, 0)),  # BM 32, cached, C = 2 (q < l... two groups)
+    ((4, 33, 17, 4, 33, 33), 100, ("h100", 4, 0)),  # BM 32, cached, C = 2 (two CTA groups over l = 4)
     ((16, 8, 8, 16, 12, 8), 17, ("h100", 4, 0)),    # uncached, C = 4
     ((16, 8, 8, 16, 12, 8), 300, DEFAULT),          # BM 32, cached, C = 1
     ((2, 16, 9, 8, 40, 4), 17, DEFAULT),            # uncached, n split over grid.z = 3
@@ -211,9 +211,8 @@ def test_every_plan_variant_is_reached(emu):
             ("nz > 1, cached", True, True), ("nz > 1, cached", True, False), ("C > 1", True),
             ("partial group", True), ("batch-split backward", True), ("batch-split backward", False)}
     assert want <= seen, f"plan variants not reached: {sorted(want - seen)}"
-    types = {"float": "float", "__half": "__half", "__nv_bfloat16": "__nv_bfloat16"}
     expected = set()
-    for t in types:
+    for t in ("float", "__half", "__nv_bfloat16"):
         expected |= {f"monarch_fwd_kernel<{t}, {bm}>(FwdParams)" for bm in (16, 32, 64)}
         expected.add(f"monarch_reduce_splits_kernel<{t}>(float const*, long, int, {t}*)")
         for ta, tb, tc in ((t, t, "float"), (t, "float", t), (t, "float", "float"), ("float", t, t),

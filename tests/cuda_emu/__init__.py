@@ -104,8 +104,6 @@ class Emulator:
         L.kkemu_launch_count.restype = ctypes.c_int64
         L.kkemu_launch_record.argtypes = [ctypes.c_int64, ctypes.c_char_p, ctypes.c_int64,
                                           ctypes.POINTER(ctypes.c_int64)]
-        L.kkemu_blocks_run.restype = ctypes.c_uint64
-        L.kkemu_threads_run.restype = ctypes.c_uint64
 
     def set_device(self, preset: str = "h100", sms: int = 0, optin: int = 0, per_sm: int = 0) -> None:
         if self.lib.kkemu_set_device(preset.encode(), sms, optin, per_sm) != 0:
@@ -133,9 +131,6 @@ class Emulator:
 
     def last_error(self) -> str:
         return self.lib.kk_last_error().decode()
-
-    def blocks_run(self) -> int:
-        return int(self.lib.kkemu_blocks_run())
 
 
 def load(sanitize: bool = False) -> Emulator:

@@ -265,7 +265,6 @@ struct Runner {
   size_t dyn_bytes = 0;
   int mode = 0;       // fiber order between barriers: 0 forward, 1 reverse, 2 shuffled
   uint64_t seed = 0;
-  uint64_t switches = 0;
 };
 thread_local Runner* t_runner = nullptr;
 int g_mode = 0;
@@ -278,8 +277,7 @@ Runner& runner() {
 
 void fiber_main(Fiber* f);
 
-void fiber_reset(Runner& R, Fiber* f) {
-  (void)R;
+void fiber_reset(Fiber* f) {
   if (!f->stack) {
     const size_t page = (size_t)sysconf(_SC_PAGESIZE);
     char* mem = static_cast<char*>(mmap(nullptr, kStackSize + page, PROT_READ | PROT_WRITE,
@@ -330,7 +328,6 @@ void fiber_reset(Runner& R, Fiber* f) {
 void resume(Runner& R, Fiber* f) {
   R.cur = f;
   t_tid = f->tid;
-  ++R.switches;
 #if defined(KKEMU_ASAN)
   __sanitizer_start_switch_fiber(&R.sched_fake, f->stack, f->stack_size);
 #endif
@@ -598,7 +595,6 @@ struct LaunchRecord {
   int64_t dyn, stat;
 };
 std::vector<LaunchRecord> g_launches;
-uint64_t g_blocks_run = 0, g_threads_run = 0;
 
 void poison(void* p, size_t n) { std::memset(p, 0xFF, n); }  // NaN in float, half and bfloat16
 
@@ -669,13 +665,11 @@ void launch_impl(const void* kernel, dim3 grid, dim3 block, size_t smem, cudaStr
         B.block_idx = uint3{(unsigned)bx, (unsigned)by, (unsigned)bz};
         for (const SharedVar& v : K.vars) poison(reinterpret_cast<void*>(v.addr), v.size);
         if (dyn) poison(dyn, smem);
-        for (int i = 0; i < n; ++i) fiber_reset(R, R.fibers[i]);
+        for (int i = 0; i < n; ++i) fiber_reset(R.fibers[i]);
         R.seed = g_seed ^ (bx * 0x9E3779B97F4A7C15ull) ^ (by << 20) ^ (bz << 40);
         t_block = &B;
         run_block(R, n);
         t_block = nullptr;
-        ++g_blocks_run;
-        g_threads_run += (uint64_t)n;
         if (!R.fault.empty()) {
           g_last_fault = fmt("kernel %s, block (%u,%u,%u): ", kn, B.block_idx.x, B.block_idx.y, B.block_idx.z) + R.fault;
           set_error(cudaErrorLaunchFailure, "kkemu: %s", g_last_fault.c_str());
@@ -947,7 +941,5 @@ KKEMU_EXPORT int kkemu_launch_record(int64_t i, char* name, int64_t cap, int64_t
   return 0;
 }
 KKEMU_EXPORT const char* kkemu_last_fault(void) { return g_last_fault.c_str(); }
-KKEMU_EXPORT uint64_t kkemu_blocks_run(void) { return g_blocks_run; }
-KKEMU_EXPORT uint64_t kkemu_threads_run(void) { return g_threads_run; }
 
 }  // extern "C"

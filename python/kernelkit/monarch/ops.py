@@ -194,37 +194,36 @@ def check_factors(w1: Tensor, w2: Tensor, fn: str) -> None:
 
 
 _INT32_MAX = 2**31 - 1
-
-
 _GRID_YZ_MAX = 65535  # CUDA's limit on a launch grid's y and z dimensions
+_OFFSETS, _GRID = "32-bit offsets", "blocks on a grid axis"
 
 
 def _index_limits(backend: str, rows: int, k: int, q: int, p: int, l: int, s: int, r: int):
-    """(what, value, limit) for each size that ``backend`` indexes with 32-bit integers.
+    """(what, value, limit, why) for each size that ``backend`` cannot take past ``limit``.
 
     cuda: the checks of csrc/cuda/monarch.cu (check_shapes).  triton: kernels/monarch.py keeps
     in-row offsets (< k*p, k*q, l*s and the factor sizes) and the batch-reduction trip count in
-    int32.  torch and cpu (int64 throughout) have no such limit."""
+    int32, and puts k or l on a launch grid axis.  torch and cpu (int64 throughout) have no limit."""
     if backend == "cuda":
         dims = [(f"w1.shape[{i}]", v) for i, v in enumerate((k, q, p))]
         dims += [(f"w2.shape[{i}]", v) for i, v in enumerate((l, s, r))]
-        return [(what, v, _INT32_MAX) for what, v in dims] + [
-            ("x.shape[-1] (= k*p)", k * p, _INT32_MAX),
-            ("w1.shape[0]*w1.shape[1] (= k*q)", k * q, _INT32_MAX),
-            ("w2.shape[0]*w2.shape[1] (= l*s, the output width)", l * s, _INT32_MAX),
-            ("the number of rows of x (the product of x.shape[:-1])", rows, 16 * _INT32_MAX),
+        return [(what, v, _INT32_MAX, _OFFSETS) for what, v in dims] + [
+            ("x.shape[-1] (= k*p)", k * p, _INT32_MAX, _OFFSETS),
+            ("w1.shape[0]*w1.shape[1] (= k*q)", k * q, _INT32_MAX, _OFFSETS),
+            ("w2.shape[0]*w2.shape[1] (= l*s, the output width)", l * s, _INT32_MAX, _OFFSETS),
+            ("the number of rows of x (the product of x.shape[:-1])", rows, 16 * _INT32_MAX, _OFFSETS),
         ]
     if backend == "triton":
         return [
-            ("x.shape[-1] (= k*p)", k * p, _INT32_MAX),
-            ("w1.shape[0]*w1.shape[1] (= k*q)", k * q, _INT32_MAX),
-            ("w2.shape[0]*w2.shape[1] (= l*s, the output width)", l * s, _INT32_MAX),
-            ("w1.numel() (= k*q*p)", k * q * p, _INT32_MAX),
-            ("w2.numel() (= l*s*r)", l * s * r, _INT32_MAX),
-            ("the number of rows of x (the product of x.shape[:-1])", rows, _INT32_MAX),
+            ("x.shape[-1] (= k*p)", k * p, _INT32_MAX, _OFFSETS),
+            ("w1.shape[0]*w1.shape[1] (= k*q)", k * q, _INT32_MAX, _OFFSETS),
+            ("w2.shape[0]*w2.shape[1] (= l*s, the output width)", l * s, _INT32_MAX, _OFFSETS),
+            ("w1.numel() (= k*q*p)", k * q * p, _INT32_MAX, _OFFSETS),
+            ("w2.numel() (= l*s*r)", l * s * r, _INT32_MAX, _OFFSETS),
+            ("the number of rows of x (the product of x.shape[:-1])", rows, _INT32_MAX, _OFFSETS),
             # the launchers put the block index (k or l) on grid axis 1: at most 65535 programs
-            ("w1.shape[0] (= k, a launch grid axis)", k, _GRID_YZ_MAX),
-            ("w2.shape[0] (= l, a launch grid axis)", l, _GRID_YZ_MAX),
+            ("w1.shape[0] (= k, a launch grid axis)", k, _GRID_YZ_MAX, _GRID),
+            ("w2.shape[0] (= l, a launch grid axis)", l, _GRID_YZ_MAX, _GRID),
         ]
     return []
 
@@ -232,9 +231,8 @@ def _index_limits(backend: str, rows: int, k: int, q: int, p: int, l: int, s: in
 def check_index_range(fn: str, backend: str, rows: int, w1_shape, w2_shape) -> None:
     """ValueError, naming the argument, when ``backend`` cannot index a problem this large (before
     anything is allocated or launched: inputs may be expanded views of huge logical size)."""
-    for what, value, limit in _index_limits(backend, rows, *w1_shape, *w2_shape):
+    for what, value, limit, why in _index_limits(backend, rows, *w1_shape, *w2_shape):
         if value > limit:
-            why = "blocks on a grid axis" if limit == _GRID_YZ_MAX else "32-bit offsets"
             raise ValueError(f"{fn}: {what} = {value} exceeds {limit}, the largest size backend {backend!r} "
                              f"handles ({why}); use backend='torch' for a problem this large")
 
