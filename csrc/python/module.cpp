@@ -7,11 +7,12 @@
 #include <cstdint>
 #include <string>
 
+#include "bindings.h"
 #include "kernelkit/kernelkit.h"
 
 namespace py = pybind11;
 
-namespace {
+namespace kkpy {
 
 [[noreturn]] void raise_status(kk_status st, const char* msg) {
   std::string text = std::string(msg && *msg ? msg : kk_status_string(st));
@@ -29,26 +30,22 @@ void check(kk_status st) {
   if (st != KK_OK) raise_status(st, kk_last_error());
 }
 
-template <typename T>
-const T* cptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
-void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
-
+namespace {
 // ---- the CUDA library, resolved with dlsym ----------------------------------------------------
 struct CudaLib {
   void* handle = nullptr;
   std::string error = "not loaded";
   const char* (*last_error)() = nullptr;
-  decltype(&kk_monarch_fwd_cuda) monarch_fwd = nullptr;
-  decltype(&kk_monarch_bwd_cuda_workspace_size) monarch_bwd_ws = nullptr;
-  decltype(&kk_monarch_bwd_cuda) monarch_bwd = nullptr;
 } g_cuda;
 
-template <typename F>
-bool sym(F& fn, const char* name) {
-  fn = reinterpret_cast<F>(dlsym(g_cuda.handle, name));
-  if (!fn) g_cuda.error = std::string("symbol ") + name + " missing";
-  return fn != nullptr;
-}
+// Every symbol the bindings call, one line per family: a library missing any of them (an old build)
+// is refused at load time, so the cuda backend reports it as unavailable instead of failing later.
+const char* const kRequiredCudaSymbols[] = {
+    "kk_last_error",
+    "kk_monarch_fwd_cuda", "kk_monarch_bwd_cuda_workspace_size", "kk_monarch_bwd_cuda",
+    "kk_sparse_linear_fwd_cuda_workspace_size", "kk_sparse_linear_fwd_cuda",
+    "kk_sparse_linear_bwd_cuda_workspace_size", "kk_sparse_linear_bwd_cuda",
+};
 
 bool load_cuda(const std::string& path) {
   if (g_cuda.handle) return true;
@@ -58,28 +55,34 @@ bool load_cuda(const std::string& path) {
     g_cuda.error = e ? e : "dlopen failed";
     return false;
   }
-  g_cuda.handle = h;
-  if (!(sym(g_cuda.last_error, "kk_last_error") && sym(g_cuda.monarch_fwd, "kk_monarch_fwd_cuda") &&
-        sym(g_cuda.monarch_bwd_ws, "kk_monarch_bwd_cuda_workspace_size") &&
-        sym(g_cuda.monarch_bwd, "kk_monarch_bwd_cuda"))) {
-    dlclose(h);
-    g_cuda.handle = nullptr;
-    return false;
+  for (const char* name : kRequiredCudaSymbols) {
+    if (!dlsym(h, name)) {
+      g_cuda.error = std::string("symbol ") + name + " missing (a library from an older build?)";
+      dlclose(h);
+      return false;
+    }
   }
+  g_cuda.handle = h;
+  g_cuda.last_error = reinterpret_cast<const char* (*)()>(dlsym(h, "kk_last_error"));
   g_cuda.error.clear();
   return true;
 }
+}  // namespace
 
-const CudaLib& cuda() {
+void* cuda_symbol(const char* name) {
   if (!g_cuda.handle) throw std::runtime_error("kernelkit CUDA library not loaded: " + g_cuda.error);
-  return g_cuda;
+  void* fn = dlsym(g_cuda.handle, name);
+  if (!fn) throw std::runtime_error(std::string("kernelkit CUDA library: symbol ") + name + " missing");
+  return fn;
 }
 
 void check_cuda(kk_status st) {
   if (st != KK_OK) raise_status(st, g_cuda.last_error());
 }
 
-}  // namespace
+}  // namespace kkpy
+
+using namespace kkpy;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "kernelkit C ABI bindings (pointers as ints; see csrc/include/kernelkit/kernelkit.h)";
@@ -125,16 +128,14 @@ PYBIND11_MODULE(_C, m) {
         [](int dtype, int64_t B, int64_t k, int64_t q, int64_t p, int64_t l, int64_t s, int64_t r,
            uintptr_t x, int64_t ldx, uintptr_t w1, uintptr_t w2, uintptr_t out, int64_t ldo,
            uintptr_t stream) {
-          const CudaLib& c = cuda();
-          check_cuda(c.monarch_fwd(static_cast<kk_dtype>(dtype), B, k, q, p, l, s, r,
+          check_cuda(cuda_fn(kk_monarch_fwd_cuda)(static_cast<kk_dtype>(dtype), B, k, q, p, l, s, r,
                                    cptr<void>(x), ldx, cptr<void>(w1), cptr<void>(w2), mptr(out),
                                    ldo, mptr(stream)));
         });
   m.def("monarch_bwd_cuda_workspace_size",
         [](int dtype, int64_t B, int64_t k, int64_t q, int64_t p, int64_t l, int64_t s, int64_t r) {
-          const CudaLib& c = cuda();
           int64_t bytes = 0;
-          check_cuda(c.monarch_bwd_ws(static_cast<kk_dtype>(dtype), B, k, q, p, l, s, r, &bytes));
+          check_cuda(cuda_fn(kk_monarch_bwd_cuda_workspace_size)(static_cast<kk_dtype>(dtype), B, k, q, p, l, s, r, &bytes));
           return bytes;
         });
   m.def("monarch_bwd_cuda",
@@ -142,10 +143,11 @@ PYBIND11_MODULE(_C, m) {
            uintptr_t x, int64_t ldx, uintptr_t w1, uintptr_t w2, uintptr_t dout, int64_t lddo,
            uintptr_t dx, int64_t lddx, uintptr_t dw1, uintptr_t dw2, uintptr_t ws,
            int64_t ws_bytes, uintptr_t stream) {
-          const CudaLib& c = cuda();
-          check_cuda(c.monarch_bwd(static_cast<kk_dtype>(dtype), B, k, q, p, l, s, r,
+          check_cuda(cuda_fn(kk_monarch_bwd_cuda)(static_cast<kk_dtype>(dtype), B, k, q, p, l, s, r,
                                    cptr<void>(x), ldx, cptr<void>(w1), cptr<void>(w2),
                                    cptr<void>(dout), lddo, mptr(dx), lddx, mptr(dw1), mptr(dw2),
                                    mptr(ws), ws_bytes, mptr(stream)));
         });
+
+  bind_sparse(m);
 }

@@ -118,4 +118,7 @@ KK_API kk_status kk_monarch_bwd_cuda(kk_dtype dtype, int64_t batch, int64_t k, i
 }
 #endif
 
+/* ---- the other families, one header each ---------------------------------------------------- */
+#include "kernelkit/sparse.h"
+
 #endif /* KERNELKIT_KERNELKIT_H_ */

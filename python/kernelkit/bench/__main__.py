@@ -24,8 +24,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m kernelkit.bench", description=__doc__.split("\n\n")[1])
     p.add_argument("--family", choices=FAMILIES, default="monarch")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--quick", action="store_true", help="tiny run: batch 256, first two shapes, nblocks 4")
-    p.add_argument("--batch", type=int, help="batch rows per case (default: the family's, 4096 for monarch)")
+    p.add_argument("--quick", action="store_true", help="tiny run (monarch: batch 256, first two shapes, "
+                   "nblocks 4; sparse: batch 256, 1024x4096 at 50/90/99%%)")
+    p.add_argument("--batch", type=int, help="batch rows per case (default: the family's, 4096 for monarch, 2048 for sparse)")
     p.add_argument("--repeats", type=int, help="timed calls per measurement; the median is reported "
                    f"(default {DEFAULT_REPEATS['cpu']} on cpu, {DEFAULT_REPEATS['cuda']} on cuda)")
     p.add_argument("--warmup", type=int, help="untimed calls first (default 1 on cpu, 5 on cuda)")
@@ -47,6 +48,8 @@ def main(argv=None) -> int:
     warmup = DEFAULT_WARMUP[a.device] if a.warmup is None else a.warmup
     backends = [b.strip() for b in a.backends.split(",") if b.strip()] if a.backends else None
     csv_path = a.out / f"{a.family}_{a.device}.csv"
+    columns = getattr(fam, "COLUMNS", _report.COLUMNS)
+    csv_columns = columns + getattr(fam, "EXTRA", _report.EXTRA)
 
     print(f"kernelkit bench: {a.family} on {a.device}, repeats={repeats}, warmup={warmup}"
           f"{', quick' if a.quick else ''}")
@@ -67,20 +70,20 @@ def main(argv=None) -> int:
         if new:
             print(f"  [{new[0]['op']} {new[0]['shape']} {new[0]['dtype']}] "
                   + ", ".join(f"{r['provider']} {r['median_ms']:.3f} ms" for r in new), file=sys.stderr, flush=True)
-        _report.write_csv(rows, csv_path)
+        _report.write_csv(rows, csv_path, csv_columns)
 
     rows = fam.run(a.device, quick=a.quick, batch=a.batch, repeats=repeats, warmup=warmup,
                    backends=backends, on_group=on_group, skipped=skipped)
     print(f"\n== kernelkit bench results: {a.family} on {a.device} ==")
-    print(_report.table(rows))
+    print(_report.table(rows, columns))
     for what, why in skipped.items():
         print(f"skipped {what}: {why}")
     print()
     for line in fam.goal_report(rows, a.device):
         print(line)
-    print(f"\nCSV: {_report.write_csv(rows, csv_path)}")
+    print(f"\nCSV: {_report.write_csv(rows, csv_path, csv_columns)}")
     if a.plot:
-        png = _report.plot(rows, a.out / f"{a.family}_{a.device}.png")
+        png = _report.plot(rows, a.out / f"{a.family}_{a.device}.png", getattr(fam, "PLOT_BASELINE", "vs_bmm"))
         print(f"PNG: {png}" if png else "PNG: not written (matplotlib is not installed)")
     return 0
 

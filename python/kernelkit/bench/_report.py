@@ -1,6 +1,7 @@
 """Output of benchmark rows: aligned text table, CSV file, optional PNG bar chart.
 
-A row is a dict with at least the keys of COLUMNS; ratios are t_baseline / t_provider (>1 = faster
+A row is a dict with at least the keys of COLUMNS (a family module may define its own COLUMNS and
+EXTRA, e.g. sparse's vs_csr instead of vs_bmm); ratios (vs_*) are t_baseline / t_provider (>1 = faster
 than that baseline), None where the baseline was not measured.
 """
 from __future__ import annotations
@@ -24,7 +25,7 @@ def table(rows: list[dict], columns=COLUMNS) -> str:
     """The rows as an aligned plain-text table (numbers right-aligned)."""
     cells = [[_fmt(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(line[i]) for line in cells]) for i, c in enumerate(columns)]
-    numeric = [c in ("median_ms", "vs_dense", "vs_bmm") for c in columns]
+    numeric = [c in ("median_ms", "gflops", "of_floor") or c.startswith("vs_") for c in columns]
 
     def line(vals):
         return "  ".join(v.rjust(w) if num else v.ljust(w) for v, w, num in zip(vals, widths, numeric)).rstrip()
@@ -34,14 +35,14 @@ def table(rows: list[dict], columns=COLUMNS) -> str:
     return "\n".join(out)
 
 
-def write_csv(rows: list[dict], path: Path) -> Path:
-    """Write rows (COLUMNS then EXTRA) to ``path``; returns the path."""
+def write_csv(rows: list[dict], path: Path, columns=COLUMNS + EXTRA) -> Path:
+    """Write rows (``columns``: a family's table columns then its extra keys) to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(COLUMNS + EXTRA), extrasaction="ignore")
+        w = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in COLUMNS + EXTRA})
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
     return path
 
 

@@ -1,4 +1,5 @@
 """Runnable examples: ``python -m kernelkit.examples.NAME``.
 
 - ``monarch_mlp``: project a trained MLP's linear layers onto Monarch matrices, fine-tune, compare.
+- ``sparse_ift``: dense vs Sparse Wide (static, RigL, SET) at the same FLOPs on a teacher-MLP task.
 """
