@@ -615,6 +615,45 @@ static void run_errors(void) {
 #undef BWD
 }
 
+/* ---- the dense path's conversions: kk_sparse_to_dense_cpu and its adjoint kk_sparse_gather_cpu -- */
+static void run_conversions(void) {
+  const int64_t shapes[3][2] = {{7, 9}, {37, 53}, {1, 300}};
+  for (int i = 0; i < 3; ++i) {
+    const int64_t n_out = shapes[i][0], n_in = shapes[i][1], ld = n_in + 3;
+    Csr w = make_csr(n_out, n_in, 0.3, 3);
+    double* dense = (double*)xmalloc(sizeof(double) * (size_t)(n_out * ld));
+    for (int64_t e = 0; e < n_out * ld; ++e) dense[e] = kSentinel;
+    CHECK(kk_sparse_to_dense_cpu(KK_FLOAT64, n_out, n_in, w.nnz, w.row_ptr, w.col_idx, w.val, dense, ld, 2) == KK_OK,
+          "to_dense: %s", kk_last_error());
+    int64_t k = 0;
+    for (int64_t r = 0; r < n_out; ++r)
+      for (int64_t c = 0; c < ld; ++c) {
+        double want = c >= n_in ? kSentinel : 0.0;
+        if (c < n_in && k < w.row_ptr[r + 1] && w.col_idx[k] == c) want = w.val[k++];
+        CHECK(dense[r * ld + c] == want, "to_dense[%lld, %lld] = %g, want %g", (long long)r, (long long)c,
+              dense[r * ld + c], want);
+      }
+    for (int64_t e = 0; e < n_out * ld; ++e) dense[e] = rnd_val();
+    double* got = (double*)xmalloc(sizeof(double) * (size_t)(w.nnz + 1));
+    CHECK(kk_sparse_gather_cpu(KK_FLOAT64, n_out, n_in, w.nnz, w.row_ptr, w.col_idx, dense, ld, got, 0) == KK_OK,
+          "gather: %s", kk_last_error());
+    for (int64_t r = 0; r < n_out; ++r)
+      for (int64_t q = w.row_ptr[r]; q < w.row_ptr[r + 1]; ++q)
+        CHECK(got[q] == dense[r * ld + w.col_idx[q]], "gather[%lld]", (long long)q);
+    /* a column index past n_in is refused before anything is written */
+    if (w.nnz > 0) {
+      int32_t saved = w.col_idx[w.nnz - 1];
+      w.col_idx[w.nnz - 1] = (int32_t)n_in;
+      CHECK(kk_sparse_to_dense_cpu(KK_FLOAT64, n_out, n_in, w.nnz, w.row_ptr, w.col_idx, w.val, dense, ld, 1) ==
+                KK_ERR_INVALID_ARGUMENT, "to_dense accepted a column out of range");
+      w.col_idx[w.nnz - 1] = saved;
+    }
+    free(got);
+    free(dense);
+    free_csr(&w);
+  }
+}
+
 int main(void) {
   if (kk_abi_version() != KK_ABI_VERSION) FAIL("abi mismatch: %d", kk_abi_version());
   const kk_dtype dts[2] = {KK_FLOAT64, KK_FLOAT32};
@@ -642,6 +681,7 @@ int main(void) {
   }
   run_large_ld();
   run_errors();
+  run_conversions();
   printf("ok %s %s %d\n", kk_version(), kk_cpu_isa(), g_checks);
   return 0;
 }

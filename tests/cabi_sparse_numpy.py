@@ -33,8 +33,10 @@ def load(path):
                                              i64, i32]
     lib.kk_sparse_linear_bwd_cpu.argtypes = [ctypes.c_int, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, ptr,
                                              i64, ptr, i64, ptr, i64, ptr, i32]
+    lib.kk_sparse_to_dense_cpu.argtypes = [ctypes.c_int, i64, i64, i64, ptr, ptr, ptr, ptr, i64, i32]
+    lib.kk_sparse_gather_cpu.argtypes = [ctypes.c_int, i64, i64, i64, ptr, ptr, ptr, i64, ptr, i32]
     for f in (lib.kk_sparse_check_csr, lib.kk_sparse_csr_transpose_cpu, lib.kk_sparse_linear_fwd_cpu,
-              lib.kk_sparse_linear_bwd_cpu):
+              lib.kk_sparse_linear_bwd_cpu, lib.kk_sparse_to_dense_cpu, lib.kk_sparse_gather_cpu):
         f.restype = ctypes.c_int
     lib.kk_last_error.restype = ctypes.c_char_p
     lib.kk_status_string.restype = ctypes.c_char_p
@@ -294,6 +296,51 @@ def check_errors(lib, rng):
     return n
 
 
+def check_conversions(lib, rng):
+    """kk_sparse_to_dense_cpu / kk_sparse_gather_cpu (the dense path's scatter and its adjoint) for
+    every dtype they take (16-bit ones as raw uint16 bit patterns), padded row strides, empty rows,
+    nnz = 0, and their error paths (outputs untouched)."""
+    n = 0
+    for np_dt, code in ((np.float64, KK_FLOAT64), (np.float32, KK_FLOAT32), (np.uint16, KK_FLOAT16),
+                        (np.uint16, KK_BFLOAT16)):
+        for n_out, n_in, density, pad in ((7, 9, 0.5, 0), (37, 53, 0.1, 3), (5, 4, 0.0, 1), (1, 300, 0.9, 0)):
+            row_ptr, col_idx, rows = random_csr(rng, n_out, n_in, density, empty_rows=1)
+            nnz = len(col_idx)
+            vals = rng.integers(1, 60000, nnz).astype(np_dt) if np_dt == np.uint16 else rng.standard_normal(nnz).astype(np_dt)
+            want = np.zeros((n_out, n_in), np_dt)
+            want[rows, col_idx] = vals
+            out = np.full((n_out, n_in + pad), 7, np_dt)   # garbage everywhere: every element is written
+            st = lib.kk_sparse_to_dense_cpu(code, n_out, n_in, nnz, p(row_ptr), p(col_idx), p(vals), p(out),
+                                            n_in + pad, 2)
+            assert st == KK_OK, lib.kk_last_error()
+            assert np.array_equal(out[:, :n_in], want) and (out[:, n_in:] == 7).all()
+            dense = rng.standard_normal((n_out, n_in + pad)).astype(np.float32).view(np.uint16)[:, :n_in + pad] \
+                if np_dt == np.uint16 else rng.standard_normal((n_out, n_in + pad)).astype(np_dt)
+            dense = np.ascontiguousarray(dense)
+            got = np.full(max(nnz, 1), 7, np_dt)
+            st = lib.kk_sparse_gather_cpu(code, n_out, n_in, nnz, p(row_ptr), p(col_idx), p(dense), dense.shape[1],
+                                          p(got), 1)
+            assert st == KK_OK, lib.kk_last_error()
+            assert np.array_equal(got[:nnz], dense[rows, col_idx])
+            n += 1
+    # errors: a column out of range, a stride below the width, an unknown dtype; nothing written
+    row_ptr, col_idx, _ = random_csr(rng, 4, 6, 0.5)
+    vals, out = np.ones(len(col_idx)), np.full((4, 6), 7.0)
+    bad = col_idx.copy()
+    bad[-1] = 6
+    for args, status, text in (
+            ((KK_FLOAT64, 4, 6, len(col_idx), p(row_ptr), p(bad), p(vals), p(out), 6, 1), KK_ERR_INVALID_ARGUMENT, b"out of range"),
+            ((KK_FLOAT64, 4, 6, len(col_idx), p(row_ptr), p(col_idx), p(vals), p(out), 5, 1), KK_ERR_INVALID_ARGUMENT, b"ldo"),
+            ((9, 4, 6, len(col_idx), p(row_ptr), p(col_idx), p(vals), p(out), 6, 1), KK_ERR_UNSUPPORTED_DTYPE, b"dtype"),
+            ((KK_FLOAT64, 4, 6, len(col_idx), p(row_ptr), p(col_idx), None, p(out), 6, 1), KK_ERR_NULL_POINTER, b"values")):
+        st = lib.kk_sparse_to_dense_cpu(*args)
+        assert st == status and text in lib.kk_last_error(), (st, lib.kk_last_error())
+        assert (out == 7.0).all()
+    st = lib.kk_sparse_gather_cpu(KK_FLOAT64, 4, 6, len(col_idx), p(row_ptr), p(bad), p(out), 6, p(vals), 1)
+    assert st == KK_ERR_INVALID_ARGUMENT and (vals == 1.0).all()
+    return n
+
+
 def main(path):
     assert "torch" not in sys.modules
     lib = load(path)
@@ -302,8 +349,9 @@ def main(path):
     n = check_correctness(lib, rng)
     check_degenerate(lib)
     n_err = check_errors(lib, rng)
+    n_conv = check_conversions(lib, rng)
     assert "torch" not in sys.modules
-    print(f"ok {lib.kk_cpu_isa().decode()} {n} cases {n_err} error paths")
+    print(f"ok {lib.kk_cpu_isa().decode()} {n} cases {n_err} error paths {n_conv} conversions")
 
 
 if __name__ == "__main__":

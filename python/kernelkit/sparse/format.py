@@ -15,6 +15,8 @@ See csrc/include/kernelkit/sparse.h for the same contract in C.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -44,8 +46,12 @@ class SparseLayout:
     # ---- construction -----------------------------------------------------------------------------
     @staticmethod
     def _check_shape(shape, fn: str):
+        if not isinstance(shape, (tuple, list, torch.Size)):
+            raise TypeError(f"{fn}: shape must be a (n_out, n_in) tuple of ints, got {shape!r}")
         if len(shape) != 2:
             raise ValueError(f"{fn}: the weight must be 2-D (n_out, n_in), got shape {tuple(shape)}")
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in shape):
+            raise TypeError(f"{fn}: shape must be a (n_out, n_in) tuple of ints, got {tuple(shape)!r}")
         n_out, n_in = (int(s) for s in shape)
         if n_out <= 0 or n_in <= 0:
             raise ValueError(f"{fn}: the weight's dimensions must be > 0, got shape {(n_out, n_in)}")
@@ -81,7 +87,7 @@ class SparseLayout:
         decreases and ends at nnz = len(col_idx); ``col_idx`` entries are in [0, n_in) and strictly
         increasing within each row.  ValueError naming the array and the first bad position."""
         fn = "SparseLayout.from_csr"
-        n_out, n_in = cls._check_shape(tuple(shape), fn)
+        n_out, n_in = cls._check_shape(shape, fn)
         for name, t in (("row_ptr", row_ptr), ("col_idx", col_idx)):
             if not isinstance(t, Tensor):
                 raise TypeError(f"{fn}: {name} must be a torch.Tensor, got {type(t).__name__}")

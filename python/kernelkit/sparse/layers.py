@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .. import _backend, _checks
 from .format import SparseLayout, mask_from_scores
-from .ops import sparse_linear
+from .ops import check_min_sparsity, sparse_linear
 
 
 def _positive_int(v, name: str, where: str) -> int:
@@ -67,6 +67,7 @@ class SparseLinear(nn.Module):
             raise TypeError(f"{where}: dtype must be float32/float64/float16/bfloat16 (or None), got {dtype!r}")
         if backend is not None:
             _backend._check_name(backend, where)
+        check_min_sparsity(min_sparsity, where)
         self.in_features, self.out_features = in_features, out_features
         self.backend, self.min_sparsity = backend, min_sparsity
         kw = {"device": device, "dtype": dtype}
@@ -74,6 +75,9 @@ class SparseLinear(nn.Module):
             sparsity = check_sparsity(sparsity, where)
             mask = random_mask((out_features, in_features), sparsity, device=device)
         else:
+            if isinstance(mask, Tensor) and (mask.layout != torch.strided or mask.is_nested):
+                raise TypeError(f"{where}: mask must be a dense (strided) tensor, got a "
+                                f"{'nested' if mask.is_nested else str(mask.layout).replace('torch.', '')} tensor")
             if not isinstance(mask, Tensor) or tuple(mask.shape) != (out_features, in_features):
                 shape = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
                 raise ValueError(f"{where}: mask must be a tensor of shape (out_features, in_features) = "

@@ -15,8 +15,10 @@ runs the dense path instead (a sparse kernel cannot beat a dense GEMM there).
 """
 from __future__ import annotations
 
+import numbers
 from typing import Optional
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -289,6 +291,16 @@ def _autocast(*ts):
     return tuple(t.to(dt) if t is not None and t.dtype != torch.float64 else t for t in ts)
 
 
+def check_min_sparsity(min_sparsity, fn: str) -> None:
+    """None or a real number (not a bool) in [0, 1], else ValueError naming min_sparsity."""
+    if min_sparsity is None:
+        return
+    ok = (isinstance(min_sparsity, numbers.Real) and not isinstance(min_sparsity, (bool, np.bool_))
+          and 0.0 <= float(min_sparsity) <= 1.0)
+    if not ok:
+        raise ValueError(f"{fn}: min_sparsity must be a number in [0, 1] or None, got {min_sparsity!r}")
+
+
 def check_layout_args(fn: str, values, layout, bias=None) -> None:
     if not isinstance(layout, SparseLayout):
         raise TypeError(f"{fn}: layout must be a kernelkit.sparse.SparseLayout, got {type(layout).__name__}")
@@ -335,8 +347,7 @@ def sparse_linear(x: Tensor, values: Tensor, layout: SparseLayout, bias: Tensor 
     n_out, n_in = layout.shape
     if x.shape[-1] != n_in:
         raise ValueError(f"{fn}: x.shape[-1] must equal the weight's n_in = {n_in}, got x of shape {tuple(x.shape)}")
-    if min_sparsity is not None and not (isinstance(min_sparsity, (int, float)) and 0.0 <= min_sparsity <= 1.0):
-        raise ValueError(f"{fn}: min_sparsity must be a number in [0, 1] or None, got {min_sparsity!r}")
+    check_min_sparsity(min_sparsity, fn)
     name = _backend.select(fn, x.device, backend, _supports(x.dtype, x.device))
     threshold = BREAK_EVEN_SPARSITY[name] if min_sparsity is None else float(min_sparsity)
     if layout.sparsity < threshold:
