@@ -89,7 +89,7 @@ def _build_vec64_library() -> Path:
     cpu = ROOT / "csrc" / "cpu"
     base = ["-std=c++17", "-O2", "-fPIC", "-fopenmp", "-fvisibility=hidden", f"-I{ROOT / 'csrc' / 'include'}",
             "-Wall", "-Wextra", "-Wno-psabi"]
-    units = [("status.cpp", []), ("isa.cpp", []), ("sparse_api.cpp", []),
+    units = [("status.cpp", []), ("isa.cpp", []), ("sparse_api.cpp", []), ("sparse_convert.cpp", []),
              ("sparse.cpp", ["-DKK_ISA_NS=isa_base"]),
              ("sparse.cpp", ["-DKK_ISA_NS=isa_avx2", "-mavx2", "-mfma", "-DKK_SPARSE_VEC_BYTES=64"]),
              ("sparse.cpp", ["-DKK_ISA_NS=isa_avx512", "-mavx512f", "-mavx512dq", "-mavx2", "-mfma"])]
