@@ -495,3 +495,31 @@ def test_to_dense_cpu_rejects_a_corrupt_index():
     bad[-1] = 53
     with pytest.raises(ValueError, match=r"idx\[\d+\] = 53 \(row 36\) is out of range"):
         torch.ops.kernelkit.sparse_to_dense(values, layout.row_ptr, bad, 53, "cpu")
+
+
+def test_dense_path_reuses_the_weight_only_while_the_values_are_unchanged():
+    """Inference (no gradient to the values) keeps the dense path's W on the layout; an in-place
+    update of the values (an optimizer step) or other values tensor rebuilds it; with gradients it is
+    never reused.  Pickling and deepcopy drop the cache."""
+    import copy
+    import pickle
+    torch.manual_seed(0)
+    layer = SparseLinear(64, 32, sparsity=0.5, backend="cpu")   # below the break-even: the dense path
+    x = torch.randn(5, 64)
+    want = lambda: torch.nn.functional.linear(x.double(), layer.to_dense().double(), layer.bias.double())  # noqa: E731
+    with torch.no_grad():
+        y1 = layer(x)
+        w1 = layer.layout._dense_cache[3]
+        y2 = layer(x)
+        assert layer.layout._dense_cache[3] is w1 and torch.equal(y1, y2)
+        layer.values.mul_(2.0)                                   # in place: version bump
+        assert_close(layer(x), want(), torch.float32, "after an in-place update")
+        assert layer.layout._dense_cache[3] is not w1
+    y = layer(x)                                                 # with grad: no reuse, gradients flow
+    y.sum().backward()
+    assert layer.values.grad is not None and layer.values.grad.shape == (layer.nnz,)
+    clone = pickle.loads(pickle.dumps(layer))
+    assert torch.equal(clone(x), layer(x)) and "_layout_cache" not in pickle.loads(pickle.dumps(layer)).__dict__
+    assert torch.equal(copy.deepcopy(layer)(x), layer(x))
+    lay2 = pickle.loads(pickle.dumps(layer.layout))
+    assert lay2._dense_cache is None and torch.equal(lay2.row_ptr, layer.row_ptr)

@@ -36,12 +36,14 @@ class SparseLayout:
     checked), never from the constructor.  All tensors live on one device; :meth:`to` moves them.
     """
 
-    __slots__ = ("shape", "row_ptr", "col_idx", "col_ptr", "row_idx", "perm")
+    __slots__ = ("shape", "row_ptr", "col_idx", "col_ptr", "row_idx", "perm", "_dense_cache", "__weakref__")
 
     def __init__(self, shape, row_ptr: Tensor, col_idx: Tensor, col_ptr: Tensor, row_idx: Tensor, perm: Tensor):
         self.shape = (int(shape[0]), int(shape[1]))
         self.row_ptr, self.col_idx = row_ptr, col_idx
         self.col_ptr, self.row_idx, self.perm = col_ptr, row_idx, perm
+        # the dense path's weight for values that do not change (inference): see ops.sparse_linear
+        self._dense_cache = None
 
     # ---- construction -----------------------------------------------------------------------------
     @staticmethod
@@ -124,6 +126,14 @@ class SparseLayout:
                 raise ValueError(f"{fn}: col_idx must be strictly increasing within each row, but in row "
                                  f"{int(rows[k])} col_idx[{k}] = {int(ci[k])} follows {int(ci[k - 1])}")
         return cls._from_coo((n_out, n_in), rows, ci)
+
+    def __getstate__(self):  # pickling / deepcopy: the index, not the dense path's cache (a weakref)
+        return {k: getattr(self, k) for k in ("shape", "row_ptr", "col_idx", "col_ptr", "row_idx", "perm")}
+
+    def __setstate__(self, state):
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._dense_cache = None
 
     # ---- properties -------------------------------------------------------------------------------
     @property

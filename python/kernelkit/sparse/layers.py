@@ -100,8 +100,18 @@ class SparseLinear(nn.Module):
 
     @property
     def layout(self) -> SparseLayout:
-        return SparseLayout((self.out_features, self.in_features), self.row_ptr, self.col_idx, self.col_ptr,
-                            self.row_idx, self.perm)
+        # One SparseLayout object while the index buffers are the same tensors (a mask update, a load
+        # or .to() replaces them), so that the dense path's inference cache (ops._dense_weight) lives
+        # as long as the mask does.
+        bufs = (self.row_ptr, self.col_idx, self.col_ptr, self.row_idx, self.perm)
+        if torch.compiler.is_compiling():
+            return SparseLayout((self.out_features, self.in_features), *bufs)
+        cached = self.__dict__.get("_layout_cache")
+        if cached is not None and all(a is b for a, b in zip(cached[0], bufs)):
+            return cached[1]
+        layout = SparseLayout((self.out_features, self.in_features), *bufs)
+        self.__dict__["_layout_cache"] = (bufs, layout)
+        return layout
 
     @property
     def nnz(self) -> int:
@@ -115,6 +125,11 @@ class SparseLinear(nn.Module):
     def mask(self) -> Tensor:
         """The boolean (out_features, in_features) mask of the kept weights."""
         return self.layout.mask()
+
+    def __getstate__(self):  # pickling (torch.save of the module): without the layout cache
+        state = dict(self.__dict__)
+        state.pop("_layout_cache", None)
+        return state
 
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.in_features)
