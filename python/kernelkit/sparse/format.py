@@ -23,6 +23,12 @@ from torch import Tensor
 _INT32_MAX = 2**31 - 1
 
 
+def rows_of(row_ptr: Tensor, nnz: int) -> Tensor:
+    """The row of each of the nnz entries of a CSR index, int64, in CSR order."""
+    return torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
+                                   row_ptr[1:] - row_ptr[:-1], output_size=nnz)
+
+
 def _counts_to_ptr(counts: Tensor) -> Tensor:
     ptr = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
     torch.cumsum(counts, 0, out=ptr[1:])
@@ -117,7 +123,7 @@ class SparseLayout:
         if bool(bad.any()):
             k = int(torch.nonzero(bad)[0])
             raise ValueError(f"{fn}: col_idx[{k}] = {int(ci[k])} is out of range [0, {n_in})")
-        rows = torch.repeat_interleave(torch.arange(n_out, device=rp.device), steps)
+        rows = rows_of(rp, nnz)
         if nnz > 1:
             same_row = rows[1:] == rows[:-1]
             unsorted = same_row & (ci[1:] <= ci[:-1])
@@ -172,9 +178,7 @@ class SparseLayout:
 
     def rows(self) -> Tensor:
         """The row of each entry, int64 (nnz), in CSR order."""
-        counts = self.row_ptr[1:] - self.row_ptr[:-1]
-        return torch.repeat_interleave(torch.arange(self.shape[0], device=self.device), counts,
-                                       output_size=self.nnz)
+        return rows_of(self.row_ptr, self.nnz)
 
     def flat_index(self) -> Tensor:
         """row * n_in + col of each entry, int64 (nnz), in CSR order (increasing)."""

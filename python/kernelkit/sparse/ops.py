@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, _lib
-from .format import SparseLayout
+from .format import SparseLayout, rows_of
 from .reference import reference_bwd, reference_fwd
 
 _KK_DTYPE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
@@ -202,17 +202,12 @@ sparse_linear_bwd.register_autograd(_bwd_backward, setup_context=_bwd_setup_cont
 # int64 flat index, which cost about half of a 4096x4096 GEMM here.  Other backends use torch's
 # indexing (on the GPU it is a small fraction of the GEMM).
 
-def _rows(row_ptr: Tensor, nnz: int) -> Tensor:
-    return torch.repeat_interleave(torch.arange(row_ptr.numel() - 1, device=row_ptr.device),
-                                   row_ptr[1:] - row_ptr[:-1], output_size=nnz)
-
-
 @torch.library.custom_op("kernelkit::sparse_to_dense", mutates_args=())
 def sparse_to_dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, n_in: int, backend: str) -> Tensor:
     n_out, nnz = row_ptr.numel() - 1, col_idx.numel()
     if backend != "cpu":
         flat = values.new_zeros(n_out * n_in)
-        return flat.index_put_((_rows(row_ptr, nnz) * n_in + col_idx.long(),), values).view(n_out, n_in)
+        return flat.index_put_((rows_of(row_ptr, nnz) * n_in + col_idx.long(),), values).view(n_out, n_in)
     out = values.new_empty(n_out, n_in)
     _lib.C().sparse_to_dense_cpu(_KK_DTYPE[values.dtype], n_out, n_in, nnz, row_ptr.data_ptr(), col_idx.data_ptr(),
                                  values.data_ptr(), out.data_ptr(), n_in, torch.get_num_threads())
@@ -229,7 +224,7 @@ def sparse_gather(dense: Tensor, row_ptr: Tensor, col_idx: Tensor, backend: str)
     n_out, n_in = dense.shape
     nnz = col_idx.numel()
     if backend != "cpu":
-        return dense[_rows(row_ptr, nnz), col_idx.long()]
+        return dense[rows_of(row_ptr, nnz), col_idx.long()]
     dense = _checks.rows(dense)
     out = dense.new_empty(nnz)
     _lib.C().sparse_gather_cpu(_KK_DTYPE[dense.dtype], n_out, n_in, nnz, row_ptr.data_ptr(), col_idx.data_ptr(),

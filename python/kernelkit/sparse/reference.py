@@ -15,15 +15,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .format import SparseLayout
+from .format import SparseLayout, rows_of
 
 
-def _dense(values: Tensor, row_ptr: Tensor, col_idx: Tensor, n_in: int) -> Tensor:
-    n_out = row_ptr.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(n_out, device=row_ptr.device), row_ptr[1:] - row_ptr[:-1],
-                                   output_size=col_idx.numel())
-    flat = values.new_zeros(n_out * n_in).index_put((rows * n_in + col_idx.long(),), values)
-    return flat.view(n_out, n_in)
+def _flat(row_ptr: Tensor, col_idx: Tensor, n_in: int) -> Tensor:
+    return rows_of(row_ptr, col_idx.numel()) * n_in + col_idx.long()
+
+
+def _dense(values: Tensor, flat: Tensor, n_out: int, n_in: int) -> Tensor:
+    return values.new_zeros(n_out * n_in).index_put((flat,), values).view(n_out, n_in)
 
 
 def sparse_linear_reference(x: Tensor, values: Tensor, layout: SparseLayout, bias: Tensor | None = None) -> Tensor:
@@ -34,17 +34,15 @@ def sparse_linear_reference(x: Tensor, values: Tensor, layout: SparseLayout, bia
 def reference_fwd(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, n_in: int,
                   bias: Tensor | None) -> Tensor:
     """The forward on the raw index (x 2-D)."""
-    return torch.nn.functional.linear(x, _dense(values, row_ptr, col_idx, n_in), bias)
+    return torch.nn.functional.linear(x, _dense(values, _flat(row_ptr, col_idx, n_in), row_ptr.numel() - 1, n_in),
+                                      bias)
 
 
 def reference_bwd(x: Tensor, values: Tensor, row_ptr: Tensor, col_idx: Tensor, dout: Tensor):
     """(dx, dvalues) on the raw index (x, dout 2-D)."""
-    n_in = x.shape[1]
-    w = _dense(values, row_ptr, col_idx, n_in)
-    dx = dout @ w
-    n_out = row_ptr.numel() - 1
-    rows = torch.repeat_interleave(torch.arange(n_out, device=row_ptr.device), row_ptr[1:] - row_ptr[:-1],
-                                   output_size=col_idx.numel())
-    # SDDMM as the dense gradient dout^T x sampled at the nonzeros (memory of one dense W, like w)
-    dvalues = (dout.t() @ x).reshape(-1)[rows * n_in + col_idx.long()]
+    n_out, n_in = row_ptr.numel() - 1, x.shape[1]
+    flat = _flat(row_ptr, col_idx, n_in)
+    dx = dout @ _dense(values, flat, n_out, n_in)
+    # SDDMM as the dense gradient dout^T x sampled at the nonzeros (memory of one dense W, like dx's)
+    dvalues = (dout.t() @ x).reshape(-1)[flat]
     return dx, dvalues
