@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Device check for kernelkit on a GPU machine without network: build with CUDA, run the CUDA and
 # Triton tests on the real GPU, the CUDA kernels under compute-sanitizer (memcheck, racecheck,
-# synccheck), the Monarch and sparse benchmarks, and write a summary.
+# synccheck), the Monarch, sparse and VQ benchmarks, and write a summary.
 #
 # Run from the repository root:  OUT=/some/dir bash bench/device_check.sh
-# Everything goes under $OUT (default ./device-out), at most 7 files:
-#   env.log  build.log  tests.log  sanitizer.log  bench.log  monarch_cuda.csv  sparse_cuda.csv  SUMMARY.md
-# (8 files, the device tool's limit: no plots)
+# Everything goes under $OUT (default ./device-out), 7 files (the device tool returns at most 8; no plots):
+#   env.log  build.log  tests.log  sanitizer.log  bench.log  bench_cuda.csv  SUMMARY.md
+# bench_cuda.csv holds every family's CSV one after the other, each under a '# family: NAME' line.
 # Steps never abort the script; each one's exit code and seconds are in SUMMARY.md.  The whole run
 # is kept under BUDGET_S seconds (default 460): each step's timeout is cut to the time left.
 # Knobs: PYTHON (default python), BUDGET_S, BENCH_REPEATS (default 20), KERNELKIT_CUDA_ARCHS
@@ -74,16 +74,25 @@ step tests_cuda tests.log 150 "$PY" -m pytest tests -m cuda -q -p no:cacheprovid
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo compute-sanitizer)
 for tool in memcheck racecheck synccheck; do
   step "sanitizer_$tool" sanitizer.log 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$CS" --tool "$tool" \
-    --error-exitcode 3 "$PY" -m pytest tests/test_monarch_cuda.py tests/test_sparse_cuda.py -m cuda -k sanitizer_cases \
+    --error-exitcode 3 "$PY" -m pytest tests/test_monarch_cuda.py tests/test_sparse_cuda.py tests/test_vq_cuda.py -m cuda -k sanitizer_cases \
     -q -p no:cacheprovider -x
 done
-step tests_triton tests.log 120 "$PY" -m pytest tests/test_monarch_triton.py tests/test_sparse_triton.py -q -p no:cacheprovider -rfE
+step tests_triton tests.log 120 "$PY" -m pytest tests/test_monarch_triton.py tests/test_sparse_triton.py tests/test_vq_triton.py -q -p no:cacheprovider -rfE
 
 # (d) benchmarks (each family's table and goal check in bench.log, its CSV in $OUT)
-step bench_monarch bench.log 150 "$PY" -m kernelkit.bench --family monarch --device cuda --out "$OUT" \
+CSV_DIR=$(mktemp -d)
+step bench_monarch bench.log 150 "$PY" -m kernelkit.bench --family monarch --device cuda --out "$CSV_DIR" \
   --repeats "$BENCH_REPEATS"
-step bench_sparse bench.log 150 "$PY" -m kernelkit.bench --family sparse --device cuda --out "$OUT" \
+step bench_sparse bench.log 150 "$PY" -m kernelkit.bench --family sparse --device cuda --out "$CSV_DIR" \
   --repeats "$BENCH_REPEATS"
+step bench_vq bench.log 150 "$PY" -m kernelkit.bench --family vq --device cuda --out "$CSV_DIR" \
+  --repeats "$BENCH_REPEATS"
+for f in "$CSV_DIR"/*_cuda.csv; do
+  [[ -e "$f" ]] || continue
+  echo "# family: $(basename "$f" _cuda.csv)"
+  cat "$f"
+  echo
+done > "$OUT/bench_cuda.csv"
 
 # (e) summary
 S="$OUT/SUMMARY.md"

@@ -45,6 +45,8 @@ const char* const kRequiredCudaSymbols[] = {
     "kk_monarch_fwd_cuda", "kk_monarch_bwd_cuda_workspace_size", "kk_monarch_bwd_cuda",
     "kk_sparse_linear_fwd_cuda_workspace_size", "kk_sparse_linear_fwd_cuda",
     "kk_sparse_linear_bwd_cuda_workspace_size", "kk_sparse_linear_bwd_cuda",
+    "kk_vq_dequantize_cuda", "kk_vq_linear_fwd_cuda_workspace_size", "kk_vq_linear_fwd_cuda",
+    "kk_vq_linear_bwd_cuda_workspace_size", "kk_vq_linear_bwd_cuda", "kk_vq_assign_cuda",
 };
 
 bool load_cuda(const std::string& path) {
@@ -150,4 +152,5 @@ PYBIND11_MODULE(_C, m) {
         });
 
   bind_sparse(m);
+  bind_vq(m);
 }
