@@ -26,6 +26,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -33,6 +34,9 @@
 #include <vector>
 
 #include "gemm.h"
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 #include "vq_impl.h"
 
 namespace kk {
@@ -73,21 +77,40 @@ struct View {
   T scale(int64_t o) const { return scales ? scales[o] : T(1); }
 };
 
-// Unscaled W[o, g*d : (g+k)*d] for groups [g0, g0 + ng) into dst (contiguous).
+// W[o, g*d : (g+ng)*d] times mult for groups [g0, g0 + ng) into dst (contiguous); the group size is a
+// template argument so each codeword is a fixed-length (vectorized) copy and add.
+template <int D, typename T, typename CT>
+inline void dequant_row_d(const View<T, CT>& v, int64_t o, int64_t g0, int64_t ng, T mult, T* __restrict__ dst) {
+  const CT* __restrict__ c = v.row_codes(o) + g0 * v.M;
+  const int M = v.M;
+  const T* __restrict__ b0 = v.book(o, 0);
+  if (M == 1) {
+    for (int64_t g = 0; g < ng; ++g) {
+      const T* __restrict__ w = b0 + static_cast<int64_t>(c[g]) * D;
+      for (int t = 0; t < D; ++t) dst[g * D + t] = mult * w[t];
+    }
+    return;
+  }
+  for (int64_t g = 0; g < ng; ++g) {
+    T tmp[D];
+    const T* __restrict__ w0 = b0 + static_cast<int64_t>(c[g * M]) * D;
+    for (int t = 0; t < D; ++t) tmp[t] = w0[t];
+    for (int m = 1; m < M; ++m) {
+      const T* __restrict__ wm = b0 + (static_cast<int64_t>(m) * v.K + c[g * M + m]) * D;
+      for (int t = 0; t < D; ++t) tmp[t] += wm[t];
+    }
+    for (int t = 0; t < D; ++t) dst[g * D + t] = mult * tmp[t];
+  }
+}
+
 template <typename T, typename CT>
 inline void dequant_row(const View<T, CT>& v, int64_t o, int64_t g0, int64_t ng, T mult, T* dst) {
-  const CT* c = v.row_codes(o) + g0 * v.M;
-  const int d = v.d, M = v.M;
-  const T* b0 = v.book(o, 0);
-  for (int64_t g = 0; g < ng; ++g) {
-    T tmp[16];
-    const T* w0 = b0 + static_cast<int64_t>(c[g * M]) * d;
-    for (int t = 0; t < d; ++t) tmp[t] = w0[t];
-    for (int m = 1; m < M; ++m) {
-      const T* wm = b0 + (static_cast<int64_t>(m) * v.K + c[g * M + m]) * d;
-      for (int t = 0; t < d; ++t) tmp[t] += wm[t];
-    }
-    for (int t = 0; t < d; ++t) dst[g * d + t] = mult * tmp[t];
+  switch (v.d) {
+    case 1: return dequant_row_d<1>(v, o, g0, ng, mult, dst);
+    case 2: return dequant_row_d<2>(v, o, g0, ng, mult, dst);
+    case 4: return dequant_row_d<4>(v, o, g0, ng, mult, dst);
+    case 8: return dequant_row_d<8>(v, o, g0, ng, mult, dst);
+    default: return dequant_row_d<16>(v, o, g0, ng, mult, dst);  // vq_api.cpp admits 1, 2, 4, 8, 16
   }
 }
 
@@ -191,6 +214,23 @@ inline void build_lut(const View<T, CT>& v, int64_t s, int64_t g0, int64_t gb, c
         }
       } else {
         const T* c = v.set_book(s, m);
+#if defined(__AVX2__)
+        if constexpr (std::is_same<T, float>::value && (BT == 8 || BT == 16)) {
+          // explicit 256-bit FMAs: one broadcast codeword entry times the x^T row of the tile
+          constexpr int NV = BT / 8;
+          for (int64_t k = 0; k < K; ++k) {
+            __m256 acc[NV];
+            const __m256 c0 = _mm256_broadcast_ss(c + k * d);
+            for (int q = 0; q < NV; ++q) acc[q] = _mm256_mul_ps(c0, _mm256_loadu_ps(xg + 8 * q));
+            for (int t = 1; t < d; ++t) {
+              const __m256 ct = _mm256_broadcast_ss(c + k * d + t);
+              for (int q = 0; q < NV; ++q) acc[q] = _mm256_fmadd_ps(ct, _mm256_loadu_ps(xg + t * BT + 8 * q), acc[q]);
+            }
+            for (int q = 0; q < NV; ++q) _mm256_storeu_ps(l + k * BT + 8 * q, acc[q]);
+          }
+          continue;
+        }
+#endif
         V xv[16];
         for (int t = 0; t < d; ++t) std::memcpy(&xv[t], xg + t * BT, sizeof(V));
         for (int64_t k = 0; k < K; ++k) {
@@ -205,7 +245,7 @@ inline void build_lut(const View<T, CT>& v, int64_t s, int64_t g0, int64_t gb, c
 // acc[0:BT] (+)= the n = gb*M LUT entries row o codes; four independent sums keep the adds off the
 // critical path of the (L1/L2) table loads.
 template <typename T, typename CT, int BT>
-inline void lookup_row(const CT* __restrict__ c, int64_t n, int64_t K, const T* __restrict__ lut, T* acc,
+inline void lookup_row_generic(const CT* __restrict__ c, int64_t n, int64_t K, const T* __restrict__ lut, T* acc,
                        bool first) {
   using V = typename Lanes<T, BT>::vec;
   V s0 = V{}, s1 = V{}, s2 = V{}, s3 = V{};
@@ -231,14 +271,56 @@ inline void lookup_row(const CT* __restrict__ c, int64_t n, int64_t K, const T* 
   std::memcpy(acc, &s0, sizeof(V));
 }
 
+#if defined(__AVX2__)
+// float tables 8 or 16 lanes wide: explicit 256-bit loads and adds.  (GCC's 64-byte vector type
+// on AVX2 sometimes round-trips through the stack; these loops are the whole GEMV's cost.)
+template <typename CT, int BT>
+inline void lookup_row_avx2(const CT* __restrict__ c, int64_t n, int64_t K, const float* __restrict__ lut,
+                            float* acc, bool first) {
+  constexpr int NV = BT / 8;  // 1 or 2 vectors per table entry
+  __m256 a[NV], b[NV];
+  for (int v = 0; v < NV; ++v) {
+    a[v] = first ? _mm256_setzero_ps() : _mm256_loadu_ps(acc + 8 * v);
+    b[v] = _mm256_setzero_ps();
+  }
+  const int64_t step = K * BT;
+  const float* base = lut;
+  int64_t j = 0;
+  for (; j + 1 < n; j += 2, base += 2 * step) {
+    const float* p = base + static_cast<int64_t>(c[j]) * BT;
+    const float* q = base + step + static_cast<int64_t>(c[j + 1]) * BT;
+    for (int v = 0; v < NV; ++v) {
+      a[v] = _mm256_add_ps(a[v], _mm256_loadu_ps(p + 8 * v));
+      b[v] = _mm256_add_ps(b[v], _mm256_loadu_ps(q + 8 * v));
+    }
+  }
+  if (j < n) {
+    const float* p = base + static_cast<int64_t>(c[j]) * BT;
+    for (int v = 0; v < NV; ++v) a[v] = _mm256_add_ps(a[v], _mm256_loadu_ps(p + 8 * v));
+  }
+  for (int v = 0; v < NV; ++v) _mm256_storeu_ps(acc + 8 * v, _mm256_add_ps(a[v], b[v]));
+}
+#endif
+
+template <typename T, typename CT, int BT>
+inline void lookup_row(const CT* __restrict__ c, int64_t n, int64_t K, const T* __restrict__ lut, T* acc,
+                       bool first) {
+#if defined(__AVX2__)
+  if constexpr (std::is_same<T, float>::value && (BT == 8 || BT == 16)) {
+    lookup_row_avx2<CT, BT>(c, n, K, lut, acc, first);
+    return;
+  }
+#endif
+  lookup_row_generic<T, CT, BT>(c, n, K, lut, acc, first);
+}
+
 // The LUT block size (bytes) for a tile of BT rows: one vector-wide table row per lookup; the
 // block spans >= 64 code bytes per row (whole cache lines of codes).
 template <typename T>
-int64_t lut_groups(int64_t G, int M, int64_t K, int BT, int code_bytes) {
+int64_t lut_groups(int64_t G, int M, int64_t K, int BT) {
   const int64_t per_group = static_cast<int64_t>(M) * K * BT * static_cast<int64_t>(sizeof(T));
   const int64_t target = BT <= 4 ? 64 * 1024 : 256 * 1024;
   int64_t gb = std::max<int64_t>(1, target / per_group);
-  gb = std::max<int64_t>(gb, std::min<int64_t>(64 / (M * code_bytes), (1 << 20) / per_group));
   return std::max<int64_t>(1, std::min(gb, G));
 }
 
@@ -255,7 +337,7 @@ void fwd_lut_tile(const View<T, CT>& v, const VqArgs& a, int64_t bt0, int bt, T*
   const int64_t K = v.K, G = v.G;
   for (int64_t i = 0; i < v.n_in; ++i)
     for (int b = 0; b < BT; ++b) xT[i * BT + b] = b < bt ? x[(bt0 + b) * a.ldx + i] : T(0);
-  const int64_t GB = lut_groups<T>(G, M, K, BT, sizeof(CT));
+  const int64_t GB = lut_groups<T>(G, M, K, BT);
   const int64_t chunk = ((v.n_out + nt - 1) / nt + 15) / 16 * 16;
   const int nth = static_cast<int>(std::min<int64_t>(nt, (v.n_out + chunk - 1) / chunk));
 #pragma omp parallel num_threads(nth)
@@ -317,15 +399,22 @@ void fwd_lut(const VqArgs& a, int nt) {
   }
 }
 
-// The path for KK_VQ_PATH_AUTO.
+// The path for KK_VQ_PATH_AUTO: a cycle model per thread, fitted to single-thread measurements on
+// this repo's AVX2 machine (4096x4096, float32).  Tables: per tile of BT batch rows the build (FMAs
+// over all K codewords of every group and set, 2 per cycle, 8 lanes) plus the lookups (about 2
+// cycles each at BT = 1, one L1/L2 load; about 6 at BT = 16, a 64-byte entry from L2).  GEMM: the
+// dequantization into the packed panels (about 1 + M cycles per weight: a codeword add per codebook
+// and a strided store) plus the matmul at
+// about 20 flop per cycle.  K <= 256 (VQ4DiT, AQLM 1x8 and 2x8) gives the tables at every batch;
+// AQLM 1x16 (K = 65536) and many codebooks (8x8) give the GEMM.
 template <typename T, typename CT>
 bool use_lut(const VqArgs& a) {
   const View<T, CT> v(a);
-  // LUT: build batch*n_in*K*M per set, lookups batch*n_out*G*M; GEMM: dequant n_out*n_in*M plus
-  // the matmul 2*batch*n_out*n_in at ~16x the throughput of a lookup.
-  const double b = static_cast<double>(v.batch);
-  const double lut = b * v.n_sets * v.n_in * double(v.K) * v.M / 8.0 + b * v.n_out * double(v.G) * v.M;
-  const double gemm = double(v.n_out) * v.n_in * v.M + 2.0 * b * v.n_out * v.n_in / 16.0;
+  const double b = static_cast<double>(v.batch), M = v.M, K = static_cast<double>(v.K);
+  const double bt = b >= 16 ? 16.0 : std::max(1.0, b), tiles = std::ceil(b / bt);
+  const double lookups = double(v.n_out) * double(v.G) * M;
+  const double lut = tiles * (v.n_sets * double(v.n_in) * M * K * bt / 16.0 + lookups * (2.0 + bt / 4.0));
+  const double gemm = double(v.n_out) * double(v.n_in) * (1.0 + M) + 2.0 * b * double(v.n_out) * double(v.n_in) / 20.0;
   return lut <= gemm;
 }
 

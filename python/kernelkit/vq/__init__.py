@@ -7,9 +7,11 @@ from .quantize import (KMeansResult, LayerQuantReport, QuantizeReport, Quantized
                        kmeans, quantize_, quantize_weight, residual_kmeans)
 from .layers import VQLinear
 from .aqlm import from_aqlm
+from .calibrate import CalibrationReport, SoftVQLinear, block_mse, calibrate
 
 __all__ = ["vq_linear", "dequantize", "assign", "check_codes", "bits_per_weight", "PATHS", "vq_linear_reference",
            "dequantize_reference", "unsigned_codes",
            "code_dtype", "index_bits", "pack_codes", "unpack_codes", "bits_for", "vq4dit_codebook_size",
            "kmeans", "residual_kmeans", "KMeansResult", "quantize_", "quantize_weight", "QuantizedWeight",
-           "QuantizeReport", "LayerQuantReport", "clamp_codebook_size", "VQLinear", "from_aqlm"]
+           "QuantizeReport", "LayerQuantReport", "clamp_codebook_size", "VQLinear", "from_aqlm",
+           "calibrate", "CalibrationReport", "SoftVQLinear", "block_mse"]
