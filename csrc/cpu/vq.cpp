@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <type_traits>
 #include <vector>
@@ -506,39 +507,88 @@ void bwd(const VqArgs& a, int nt) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Assignment (simple version): all K distances per vector, an insertion list of the topn smallest.
+// Assignment: per vector, the distances to a chunk of centroids at once from the centroids transposed
+// ([d][K], built once per call), so the inner loop runs over centroids and vectorizes; then the topn
+// smallest of the chunk: a vectorized minimum for topn = 1 (the first index holding it: ties go to the
+// smaller index), an insertion list fed only by distances below its current last entry otherwise.
+// Each distance is the sum over t of (v_t - c_t)^2 in t order, as the scalar definition.
+// No fused multiply-add here: a distance is rounded as the definition is written (a product, then a sum),
+// so exact ties (symmetric points, duplicate centroids) stay ties and go to the smaller index.
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 template <typename T>
 void assign(int64_t n, int64_t K, int d, const T* vec, const T* cen, int topn, int32_t* idx, T* dist,
             int nt) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-  for (int64_t i = 0; i < n; ++i) {
-    const T* p = vec + i * d;
-    T bd[8];
-    int32_t bi[8];
-    int cnt = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      const T* c = cen + k * d;
-      T s = 0;
-      for (int t = 0; t < d; ++t) {
-        const T df = p[t] - c[t];
-        s += df * df;
+  constexpr int64_t KC = 512;  // centroids per chunk: the distance buffer stays in L1
+  Buf<T> cT(static_cast<size_t>(d * K));
+  for (int64_t k = 0; k < K; ++k)
+    for (int t = 0; t < d; ++t) cT.get()[t * K + k] = cen[k * d + t];
+  const T* __restrict__ ct = cT.get();
+#pragma omp parallel num_threads(nt)
+  {
+    alignas(64) T db[KC];
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < n; ++i) {
+      const T* p = vec + i * d;
+      T bd[8];
+      int32_t bi[8];
+      int cnt = 0;
+      for (int64_t k0 = 0; k0 < K; k0 += KC) {
+        const int64_t kc = std::min(KC, K - k0);
+        {
+          const T p0 = p[0];
+          const T* __restrict__ c0 = ct + k0;
+          for (int64_t k = 0; k < kc; ++k) {
+            const T df = p0 - c0[k];
+            db[k] = df * df;
+          }
+        }
+        for (int t = 1; t < d; ++t) {
+          const T pt = p[t];
+          const T* __restrict__ c = ct + t * K + k0;
+          for (int64_t k = 0; k < kc; ++k) {
+            const T df = pt - c[k];
+            db[k] += df * df;
+          }
+        }
+        if (topn == 1) {
+          T m = std::numeric_limits<T>::infinity();
+          for (int64_t k = 0; k < kc; ++k) m = db[k] < m ? db[k] : m;  // NaN distances never win
+          if (cnt == 1 && !(m < bd[0])) continue;
+          int64_t k = 0;
+          while (k < kc && !(db[k] == m)) ++k;
+          if (k == kc) {  // no finite distance in this chunk (NaN or infinite input): keep a defined pick
+            if (cnt == 1) continue;
+            k = 0;
+            m = db[0];
+          }
+          bd[0] = m;
+          bi[0] = static_cast<int32_t>(k0 + k);
+          cnt = 1;
+          continue;
+        }
+        for (int64_t k = 0; k < kc; ++k) {
+          const T sd = db[k];
+          if (cnt == topn && !(sd < bd[topn - 1])) continue;
+          int j = cnt < topn ? cnt++ : topn - 1;
+          while (j > 0 && sd < bd[j - 1]) {
+            bd[j] = bd[j - 1];
+            bi[j] = bi[j - 1];
+            --j;
+          }
+          bd[j] = sd;
+          bi[j] = static_cast<int32_t>(k0 + k);
+        }
       }
-      if (cnt == topn && !(s < bd[topn - 1])) continue;
-      int j = cnt < topn ? cnt++ : topn - 1;
-      while (j > 0 && s < bd[j - 1]) {
-        bd[j] = bd[j - 1];
-        bi[j] = bi[j - 1];
-        --j;
+      for (int j = 0; j < topn; ++j) {
+        idx[i * topn + j] = cnt > j ? bi[j] : 0;
+        if (dist) dist[i * topn + j] = cnt > j ? bd[j] : T(0);
       }
-      bd[j] = s;
-      bi[j] = static_cast<int32_t>(k);
-    }
-    for (int j = 0; j < topn; ++j) {
-      idx[i * topn + j] = bi[j];
-      if (dist) dist[i * topn + j] = bd[j];
     }
   }
 }
+
+#pragma GCC pop_options
 
 template <typename T>
 kk_status by_codes(const VqArgs& a, void (*f8)(const VqArgs&, int), void (*f16)(const VqArgs&, int), int nt) {

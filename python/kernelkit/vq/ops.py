@@ -23,9 +23,7 @@ the backend.
 """
 from __future__ import annotations
 
-import collections
 import math
-import threading
 from typing import Optional
 
 import torch
@@ -90,32 +88,31 @@ def _fmt(codes: Tensor, codebooks: Tensor, rows_per_codebook: int) -> tuple:
     return (codes.shape[0], codes.shape[1] * d, K, rows_per_codebook, d, M, code_bits(codes), CODES_CHECKED)
 
 
-# ---- the code check, remembered per codes tensor --------------------------------------------------
-_checked: "collections.OrderedDict[tuple, bool]" = collections.OrderedDict()
-_checked_lock = threading.Lock()
-_CHECKED_MAX = 256
-
-
+# ---- the code check, remembered on the codes tensor ------------------------------------------------
 def _code_key(codes: Tensor, K: int):
     try:
         version = codes._version
     except RuntimeError:  # inference tensors have no version counter: check every time
         return None
-    return (codes.data_ptr(), version, tuple(codes.shape), tuple(codes.stride()), codes.dtype, codes.device, K)
+    return (version, codes.data_ptr(), tuple(codes.shape), tuple(codes.stride()), K)
 
 
 def check_codes(codes: Tensor, K: int, fn: str = "kernelkit.vq") -> None:
     """Raise ValueError naming the first code >= K (read as unsigned), before any kernel reads through
-    the codes.  Free when K = 2^bits; otherwise one pass over the codes, remembered until the codes
-    tensor changes (its version counter), so a layer's forward pays it once."""
+    the codes.  Free when K = 2^bits; otherwise one pass over the codes, remembered on the codes tensor
+    object itself until it changes (its version counter moves with every in-place write), so a layer's
+    forward pays it once.  (Writes through ``.data`` bypass the version counter: call ``check_codes``
+    again after such a write; the CPU library still refuses a code it would read out of bounds.)"""
+    if not isinstance(codes, torch.Tensor) or codes.dtype not in (torch.uint8, torch.int16):
+        got = type(codes).__name__ if not isinstance(codes, torch.Tensor) else codes.dtype
+        raise TypeError(f"{fn}: codes must be uint8 or int16 (read as unsigned), got {got}")
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise ValueError(f"{fn}: K must be an int >= 1, got {K!r}")
     if codes.numel() == 0 or K >= (1 << code_bits(codes)):
         return
     key = _code_key(codes, K)
-    if key is not None:
-        with _checked_lock:
-            if key in _checked:
-                _checked.move_to_end(key)
-                return
+    if key is not None and getattr(codes, "_kk_vq_checked", None) == key:
+        return
     bad = unsigned_codes(codes) >= K
     if bool(bad.any()):
         pos = tuple(int(i) for i in bad.nonzero()[0])
@@ -123,10 +120,7 @@ def check_codes(codes: Tensor, K: int, fn: str = "kernelkit.vq") -> None:
         raise ValueError(f"{fn}: codes{list(pos)} = {value} (as an unsigned {code_bits(codes)}-bit code) is out of "
                          f"range for a codebook of K = {K} codewords")
     if key is not None:
-        with _checked_lock:
-            _checked[key] = True
-            while len(_checked) > _CHECKED_MAX:
-                _checked.popitem(last=False)
+        codes._kk_vq_checked = key
 
 
 # ---- kernelkit::vq_linear_fwd -----------------------------------------------------------------------
@@ -187,6 +181,10 @@ def vq_linear_bwd(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Optional[
     args = (_KK_DTYPE[x.dtype], fmt, B, codes.data_ptr(), codebooks.data_ptr(), _ptr(scales), x.data_ptr(),
             x.stride(0), dout.data_ptr(), dout.stride(0), dx.data_ptr() if need_dx else 0, n_in,
             dcb.data_ptr() if need_dcodebooks else 0, ds.data_ptr() if need_dscales else 0)
+    if codes.shape[0] == 0:  # no output row: nothing reaches the codebooks (the C format has no set then)
+        if need_dcodebooks:
+            dcb.zero_()
+        args = args[:12] + (0,) + args[13:]
     if backend == "cpu":
         _lib.C().vq_linear_bwd_cpu(*args, torch.get_num_threads())
     elif backend == "cuda":
@@ -334,14 +332,16 @@ def _deq_backward(ctx, grad):
     # differentiable again.
     codes, C, s = ctx.saved_tensors
     _, need_C, need_s = ctx.needs_input_grad[:3]
+    # a codeword collects thousands of terms: accumulate 16-bit dtypes in float32, as vq_linear's backward does
+    acc = torch.float32 if C.dtype in (torch.float16, torch.bfloat16) else C.dtype
     with torch.enable_grad():
-        Cd = C.detach().requires_grad_(need_C)
-        sd = None if s is None else s.detach().requires_grad_(need_s)
+        Cd = C.detach().to(acc).requires_grad_(need_C)
+        sd = None if s is None else s.detach().to(acc).requires_grad_(need_s)
         w = dequantize_reference(codes, Cd, sd, ctx.rows_per_codebook)
     wanted = [t for t, n in ((Cd, need_C), (sd, need_s)) if n and t is not None]
-    grads = iter(torch.autograd.grad(w, wanted, grad, create_graph=torch.is_grad_enabled()) if wanted else ())
-    gC = next(grads) if need_C else None
-    gs = next(grads) if (need_s and s is not None) else None
+    grads = iter(torch.autograd.grad(w, wanted, grad.to(acc), create_graph=torch.is_grad_enabled()) if wanted else ())
+    gC = next(grads).to(C.dtype) if need_C else None
+    gs = next(grads).to(s.dtype) if (need_s and s is not None) else None
     return None, gC, gs, None, None
 
 
@@ -382,6 +382,9 @@ def _(vectors, centroids, topn, backend):
 def _check_codes_tensor(codes, fn: str) -> Tensor:
     if not isinstance(codes, torch.Tensor):
         raise TypeError(f"{fn}: codes must be a torch.Tensor, got {type(codes).__name__}")
+    if codes.layout != torch.strided or codes.is_nested:
+        kind = "nested" if codes.is_nested else str(codes.layout).replace("torch.", "")
+        raise TypeError(f"{fn}: codes must be a dense (strided) tensor, got a {kind} tensor")
     if codes.dtype not in (torch.uint8, torch.int16):
         raise TypeError(f"{fn}: codes must be uint8 (K <= 256) or int16 (K <= 65536, read as unsigned), "
                         f"got {codes.dtype}")
@@ -436,7 +439,7 @@ def _check_format(codes: Tensor, codebooks, scales, rows_per_codebook, fn: str):
 
 
 def _path(path, fn: str) -> int:
-    if path not in PATHS:
+    if not isinstance(path, str) or path not in PATHS:
         raise ValueError(f"{fn}: path must be one of {', '.join(map(repr, PATHS))}, got {path!r}")
     return PATHS[path]
 
@@ -466,7 +469,7 @@ def vq_linear(x: Tensor, codes: Tensor, codebooks: Tensor, scales: Optional[Tens
             raise ValueError(f"{fn}: bias must have n_out = {n_out} entries, got shape {tuple(bias.shape)}")
         if bias.device != x.device:
             raise ValueError(f"{fn}: bias is on {bias.device} but x is on {x.device}")
-        bias = bias.to(x.dtype)
+        bias = bias.to(x.dtype).contiguous()
     p = _path(path, fn)
     codebooks = codebooks.to(x.dtype).contiguous()
     scales = None if scales is None else scales.to(x.dtype).contiguous()
@@ -484,6 +487,8 @@ def dequantize(codes: Tensor, codebooks: Tensor, scales: Optional[Tensor] = None
     and scales."""
     fn = "kernelkit.vq.dequantize"
     codes, codebooks, scales, rpc = _check_format(codes, codebooks, scales, rows_per_codebook, fn)
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or dtype not in _checks.FLOAT_DTYPES):
+        raise TypeError(f"{fn}: dtype must be one of torch.float32/float64/float16/bfloat16 or None, got {dtype!r}")
     dtype = dtype or codebooks.dtype
     codebooks = codebooks.to(dtype).contiguous()
     scales = None if scales is None else scales.to(dtype).contiguous()
