@@ -45,3 +45,18 @@ def median_ms(fns: dict[str, Callable[[], object]], device: str, *, repeats: int
             fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
     return {k: statistics.median(v) for k, v in times.items()}
+
+
+def mode_step(mode: str, fwd: Callable[[], object], params, g, modes=("fwd", "fwd+bwd")) -> Callable[[], object]:
+    """One benchmark step: ``fwd()`` under torch.no_grad() ("fwd"), or ``fwd()`` then the gradients of
+    ``params`` for the upstream gradient ``g`` ("fwd+bwd")."""
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                return fwd()
+    elif mode == "fwd+bwd":
+        def step():
+            return torch.autograd.grad(fwd(), params, g)
+    else:
+        raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(modes)})")
+    return step

@@ -114,16 +114,7 @@ def make_fn(provider: str, mode: str, inp: dict) -> Callable[[], object]:
             raise ValueError(f"unknown provider {provider!r}")
         x, w1, w2 = inp["x_m"], inp["w1"], inp["w2"]
         fwd, params, g = (lambda: op(x, w1, w2)), (x, w1, w2), inp["g_m"]
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                return fwd()
-    elif mode == "fwd+bwd":
-        def step():
-            return torch.autograd.grad(fwd(), params, g)
-    else:
-        raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    return step
+    return _timing.mode_step(mode, fwd, params, g, MODES)
 
 
 def measure(case: Case, dtype: torch.dtype, device: str, mode: str, provs: list[str], *,

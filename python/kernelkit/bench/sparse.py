@@ -189,16 +189,7 @@ def make_fn(provider: str, mode: str, inp: dict) -> Callable[[], object]:
         fwd, params = (lambda: sparse_linear(x, v, lay, backend=name, min_sparsity=ms)), (x, v)
     else:
         raise ValueError(f"unknown provider {provider!r}")
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                return fwd()
-    elif mode == "fwd+bwd":
-        def step():
-            return torch.autograd.grad(fwd(), params, g)
-    else:
-        raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    return step
+    return _timing.mode_step(mode, fwd, params, g, MODES)
 
 
 def measure(case: Case, dtype: torch.dtype, device: str, mode: str, provs: list[str], *,

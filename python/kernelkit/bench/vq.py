@@ -39,6 +39,7 @@ from kernelkit.vq.reference import dequantize_reference
 
 from . import _timing
 from .monarch import environment  # same machine description
+from .sparse import floors  # same floors: a dense fp32 GEMM and a 256 MB copy
 
 FAMILY = "vq"
 SHAPES = ((4096, 4096), (1152, 6912), (4608, 1152), (11008, 4096))   # (in, out): DiT adaLN, fc2; Llama down_proj
@@ -109,22 +110,6 @@ def providers(device: str, backends: Iterable[str] | None = None) -> tuple[list[
     return run, skipped
 
 
-def floors(device: str, dtype: torch.dtype = torch.float32, repeats: int = 5) -> dict:
-    """This machine's ceilings, measured now: dense GEMM rate (GFLOP/s, F.linear 2048x4096 @ 4096x4096 in
-    ``dtype``) and copy bandwidth (GB/s read + write, a 256 MB float32 copy)."""
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.rand(2048, 4096, generator=g, device=device).to(dtype)
-    w = torch.rand(4096, 4096, generator=g, device=device).to(dtype)
-    src = torch.empty(64 * 2**20, device=device)
-    dst = torch.empty_like(src)
-    fns = {"gemm": lambda: F.linear(x, w), "copy": lambda: dst.copy_(src)}
-    for fn in fns.values():
-        _timing.warm(fn, 1)
-    t = _timing.median_ms(fns, device, repeats=repeats)
-    return {"gemm_gflops": 2 * 2048 * 4096 * 4096 / t["gemm"] / 1e6, "copy_gbs": 2 * src.numel() * 4 / t["copy"] / 1e6,
-            "dtype": str(dtype).replace("torch.", "")}
-
-
 def compulsory_bytes(case: Case, provider: str, esize: int) -> float:
     """Bytes a call must move at least: x and out, plus the weight as the provider stores it."""
     M, K, d = (GPU_FORMATS | FORMATS)[case.fmt]
@@ -184,16 +169,7 @@ def make_fn(provider: str, mode: str, inp: dict) -> Callable[[], object]:
         fwd, params = (lambda: vq_linear(x, codes, cb, backend=name, path=path)), (x, cb)
     else:
         raise ValueError(f"unknown provider {provider!r}")
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                return fwd()
-    elif mode == "fwd+bwd":
-        def step():
-            return torch.autograd.grad(fwd(), params, g)
-    else:
-        raise ValueError(f"unknown mode {mode!r} (choose from {', '.join(MODES)})")
-    return step
+    return _timing.mode_step(mode, fwd, params, g, MODES)
 
 
 def _rel_err(out, ref) -> float:
