@@ -14,18 +14,13 @@
 #include <new>
 #include <vector>
 
+#include "api_common.h"
 #include "isa.h"
 #include "sparse_impl.h"
 #include "status.h"
 
 namespace kk {
 namespace {
-
-#define KK_TRY(expr)                   \
-  do {                                 \
-    kk_status st_ = (expr);            \
-    if (st_ != KK_OK) return st_;      \
-  } while (0)
 
 // How one compressed index is named in messages: CSR (row_ptr/col_idx, rows of W, n_in wide) or
 // its transpose (col_ptr/row_idx, columns of W, n_out high), or the neutral ptr/idx of
@@ -40,10 +35,6 @@ constexpr IndexNames kCsr{"row_ptr", "col_idx", "row", "n_in"};
 constexpr IndexNames kCsc{"col_ptr", "row_idx", "column", "n_out"};
 constexpr IndexNames kGeneric{"ptr", "idx", "row", "n_cols"};
 
-kk_status check_size(int64_t v, const char* name) {
-  return v >= 0 ? KK_OK : fail(KK_ERR_INVALID_SIZE, "%s must be >= 0, got %lld", name, (long long)v);
-}
-
 // nnz <= n_rows * n_cols without overflowing the product.
 kk_status check_nnz(int64_t n_rows, int64_t n_cols, int64_t nnz, const char* rows_name,
                     const char* cols_name) {
@@ -55,16 +46,6 @@ kk_status check_nnz(int64_t n_rows, int64_t n_cols, int64_t nnz, const char* row
     return fail(KK_ERR_INVALID_SIZE, "nnz (%lld) must be <= %s * %s = %lld * %lld", (long long)nnz,
                 rows_name, cols_name, (long long)n_rows, (long long)n_cols);
   return KK_OK;
-}
-
-kk_status check_ptr(const void* ptr, const char* name) {
-  return ptr ? KK_OK : fail(KK_ERR_NULL_POINTER, "%s is NULL", name);
-}
-
-kk_status check_ld(int64_t ld, int64_t width, const char* name, const char* width_name) {
-  return ld >= width ? KK_OK
-                     : fail(KK_ERR_INVALID_ARGUMENT, "%s (%lld) must be >= the row width %s = %lld",
-                            name, (long long)ld, width_name, (long long)width);
 }
 
 // The contents of a compressed index (sizes already checked): ptr[0] = 0, nondecreasing,
@@ -160,23 +141,9 @@ kk_status check_sizes(int64_t batch, int64_t n_out, int64_t n_in, int64_t nnz) {
 int threads(int32_t requested) { return requested > 0 ? requested : omp_get_max_threads(); }
 
 template <typename Fn>
-kk_status run_guarded(Fn&& fn) {
-  try {
-    return fn();
-  } catch (const std::bad_alloc&) {
-    return fail(KK_ERR_OUT_OF_MEMORY, "sparse: out of host memory for packed tiles");
-  } catch (...) {
-    return fail(KK_ERR_INTERNAL, "sparse: unexpected C++ exception");
-  }
+kk_status guarded(Fn&& fn) {
+  return run_guarded("sparse", "out of host memory for packed tiles", fn);
 }
-
-#if defined(__x86_64__) || defined(_M_X64)
-#define KK_DISPATCH(isa, fn, ...)                                        \
-  ((isa) == Isa::avx512 ? isa_avx512::fn(__VA_ARGS__)                    \
-   : (isa) == Isa::avx2 ? isa_avx2::fn(__VA_ARGS__) : isa_base::fn(__VA_ARGS__))
-#else
-#define KK_DISPATCH(isa, fn, ...) isa_base::fn(__VA_ARGS__)
-#endif
 
 }  // namespace
 }  // namespace kk
@@ -208,7 +175,7 @@ KK_API kk_status kk_sparse_csr_transpose_cpu(int64_t n_out, int64_t n_in, int64_
     if (row_ptr[r + 1] > row_ptr[r])
       return fail(KK_ERR_INVALID_SIZE, "row %lld holds nonzeros but row_idx is int32 (rows < 2^31)",
                   (long long)r);
-  return run_guarded([&]() {
+  return guarded([&]() {
     // Counting sort by column, stable: rows are visited in order, so row_idx ascends per column.
     std::vector<int64_t> next(static_cast<size_t>(n_in), 0);
     for (int64_t k = 0; k < nnz; ++k) ++next[col_idx[k]];
@@ -250,7 +217,7 @@ KK_API kk_status kk_sparse_linear_fwd_cpu(kk_dtype dtype, int64_t batch, int64_t
                x, ldx, bias, out, ldo, nullptr, 0, nullptr, 0, nullptr};
   const int nt = threads(num_threads);
   const Isa isa = active_isa();
-  return run_guarded([&]() { return KK_DISPATCH(isa, sparse_fwd, dtype, a, nt); });
+  return guarded([&]() { return KK_DISPATCH(isa, sparse_fwd, dtype, a, nt); });
 }
 
 KK_API kk_status kk_sparse_linear_bwd_cpu(kk_dtype dtype, int64_t batch, int64_t n_out, int64_t n_in,
@@ -296,7 +263,7 @@ KK_API kk_status kk_sparse_linear_bwd_cpu(kk_dtype dtype, int64_t batch, int64_t
                x, ldx, nullptr, nullptr, 0, dout, lddo, dx, lddx, dvalues};
   const int nt = threads(num_threads);
   const Isa isa = active_isa();
-  return run_guarded([&]() { return KK_DISPATCH(isa, sparse_bwd, dtype, a, nt); });
+  return guarded([&]() { return KK_DISPATCH(isa, sparse_bwd, dtype, a, nt); });
 }
 
 }  // extern "C"

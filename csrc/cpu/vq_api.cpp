@@ -11,32 +11,13 @@
 #include <cstring>
 #include <new>
 
+#include "api_common.h"
 #include "isa.h"
 #include "status.h"
 #include "vq_impl.h"
 
 namespace kk {
 namespace {
-
-#define KK_TRY(expr)              \
-  do {                            \
-    kk_status st_ = (expr);       \
-    if (st_ != KK_OK) return st_; \
-  } while (0)
-
-kk_status check_size(int64_t v, const char* name) {
-  return v >= 0 ? KK_OK : fail(KK_ERR_INVALID_SIZE, "%s must be >= 0, got %lld", name, (long long)v);
-}
-
-kk_status check_ptr(const void* ptr, const char* name) {
-  return ptr ? KK_OK : fail(KK_ERR_NULL_POINTER, "%s is NULL", name);
-}
-
-kk_status check_ld(int64_t ld, int64_t width, const char* name, const char* width_name) {
-  return ld >= width ? KK_OK
-                     : fail(KK_ERR_INVALID_ARGUMENT, "%s (%lld) must be >= the row width %s = %lld",
-                            name, (long long)ld, width_name, (long long)width);
-}
 
 kk_status check_dtype(kk_dtype dtype) {
   return dtype == KK_FLOAT32 || dtype == KK_FLOAT64
@@ -161,23 +142,9 @@ void zero_rows(void* p, int64_t rows, int64_t cols, int64_t ld, size_t es) {
 }
 
 template <typename Fn>
-kk_status run_guarded(Fn&& fn) {
-  try {
-    return fn();
-  } catch (const std::bad_alloc&) {
-    return fail(KK_ERR_OUT_OF_MEMORY, "vq: out of host memory for work buffers");
-  } catch (...) {
-    return fail(KK_ERR_INTERNAL, "vq: unexpected C++ exception");
-  }
+kk_status guarded(Fn&& fn) {
+  return run_guarded("vq", "out of host memory for work buffers", fn);
 }
-
-#if defined(__x86_64__) || defined(_M_X64)
-#define KK_DISPATCH(isa, fn, ...)                                        \
-  ((isa) == Isa::avx512 ? isa_avx512::fn(__VA_ARGS__)                    \
-   : (isa) == Isa::avx2 ? isa_avx2::fn(__VA_ARGS__) : isa_base::fn(__VA_ARGS__))
-#else
-#define KK_DISPATCH(isa, fn, ...) isa_base::fn(__VA_ARGS__)
-#endif
 
 }  // namespace
 }  // namespace kk
@@ -213,7 +180,7 @@ KK_API kk_status kk_vq_dequantize_cpu(kk_dtype dtype, const kk_vq_format* format
   a.w = w;
   a.ldw = ldw;
   const Isa isa = active_isa();
-  return run_guarded([&]() { return KK_DISPATCH(isa, vq_dequantize, dtype, a, nt); });
+  return guarded([&]() { return KK_DISPATCH(isa, vq_dequantize, dtype, a, nt); });
 }
 
 KK_API kk_status kk_vq_linear_fwd_cpu(kk_dtype dtype, const kk_vq_format* format, int64_t batch,
@@ -255,7 +222,7 @@ KK_API kk_status kk_vq_linear_fwd_cpu(kk_dtype dtype, const kk_vq_format* format
   a.ldo = ldo;
   a.path = path;
   const Isa isa = active_isa();
-  return run_guarded([&]() { return KK_DISPATCH(isa, vq_fwd, dtype, a, nt); });
+  return guarded([&]() { return KK_DISPATCH(isa, vq_fwd, dtype, a, nt); });
 }
 
 KK_API kk_status kk_vq_linear_bwd_cpu(kk_dtype dtype, const kk_vq_format* format, int64_t batch,
@@ -311,7 +278,7 @@ KK_API kk_status kk_vq_linear_bwd_cpu(kk_dtype dtype, const kk_vq_format* format
   a.dcodebooks = want_dcb ? dcodebooks : nullptr;
   a.dscales = want_ds ? dscales : nullptr;
   const Isa isa = active_isa();
-  return run_guarded([&]() { return KK_DISPATCH(isa, vq_bwd, dtype, a, nt); });
+  return guarded([&]() { return KK_DISPATCH(isa, vq_bwd, dtype, a, nt); });
 }
 
 KK_API kk_status kk_vq_assign_cpu(kk_dtype dtype, int64_t n, int64_t K, int32_t d, const void* vectors,
@@ -337,7 +304,7 @@ KK_API kk_status kk_vq_assign_cpu(kk_dtype dtype, int64_t n, int64_t K, int32_t 
   KK_TRY(check_ptr(idx, "idx"));
   const int nt = threads(num_threads);
   const Isa isa = active_isa();
-  return run_guarded(
+  return guarded(
       [&]() { return KK_DISPATCH(isa, vq_assign, dtype, n, K, d, vectors, centroids, topn, idx, dist, nt); });
 }
 
