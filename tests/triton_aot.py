@@ -157,6 +157,9 @@ def _classify(param, value, mangle_type):
     """(type, equals_one, divisible_by_16) of one runtime argument, by Triton's specialization rules
     (checked against its launcher's binder on 3.6 and 3.9: == 1 -> constexpr, % 16 -> "D")."""
     may_align = not getattr(param, "do_not_specialize_on_alignment", False)
+    ann = getattr(param, "annotation_type", "")
+    if isinstance(ann, str) and (ann == "u1" or ann[:2] in ("fp", "bf")) and not hasattr(value, "data_ptr"):
+        return ann, False, False   # an annotated scalar (`reg: tl.float64`): its type, never specialized
     if hasattr(value, "data_ptr"):
         return mangle_type(value), False, may_align and value.data_ptr() % 16 == 0
     if type(value) is int and not param.do_not_specialize:

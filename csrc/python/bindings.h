@@ -27,4 +27,5 @@ inline void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 // One per family, each in csrc/python/<family>.cpp, called from module.cpp.
 void bind_sparse(py::module_& m);
 void bind_vq(py::module_& m);
+void bind_ot(py::module_& m);
 }  // namespace kkpy

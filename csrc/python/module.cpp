@@ -47,6 +47,8 @@ const char* const kRequiredCudaSymbols[] = {
     "kk_sparse_linear_bwd_cuda_workspace_size", "kk_sparse_linear_bwd_cuda",
     "kk_vq_dequantize_cuda", "kk_vq_linear_fwd_cuda_workspace_size", "kk_vq_linear_fwd_cuda",
     "kk_vq_linear_bwd_cuda_workspace_size", "kk_vq_linear_bwd_cuda", "kk_vq_assign_cuda",
+    "kk_ot_sinkhorn_step_cuda", "kk_ot_marginals_cuda", "kk_ot_plan_cuda", "kk_ot_sparsify_cuda", "kk_ot_hvp_cuda",
+    "kk_ot_cg_cuda_workspace_size", "kk_ot_cg_cuda", "kk_ot_points_grad_cuda",
 };
 
 bool load_cuda(const std::string& path) {
@@ -153,4 +155,5 @@ PYBIND11_MODULE(_C, m) {
 
   bind_sparse(m);
   bind_vq(m);
+  bind_ot(m);
 }

@@ -1,7 +1,8 @@
 """kernelkit: fast paths of efficient-ML papers as PyTorch ops, layers, and a plain C library.
 
 Families: ``kernelkit.monarch`` (block-diagonal Monarch matmul), ``kernelkit.sparse`` (unstructured-sparse
-linear layers, Sparse-IFT, RigL/SET), ``kernelkit.vq`` (vector-quantized linear layers: VQ4DiT, AQLM).  Backends: torch (reference),
+linear layers, Sparse-IFT, RigL/SET), ``kernelkit.vq`` (vector-quantized linear layers: VQ4DiT, AQLM), ``kernelkit.ot`` (log-domain Sinkhorn and
+Sinkhorn-Newton-Sparse, POT-compatible).  Backends: torch (reference),
 cpu (C++/OpenMP), triton, cuda (C++); see :func:`backends` and :func:`backend`.
 """
 from ._backend import (BackendUnavailableError, KernelkitFallbackWarning, backend, backends)
@@ -9,7 +10,7 @@ from ._lib import get_include, get_library
 
 __version__ = "0.1.0"
 
-from . import monarch, nn, sparse, vq  # noqa: E402  (after the helpers they use)
+from . import monarch, nn, ot, sparse, vq  # noqa: E402  (after the helpers they use)
 
 __all__ = ["backend", "backends", "BackendUnavailableError", "KernelkitFallbackWarning",
-           "get_include", "get_library", "monarch", "nn", "sparse", "vq", "__version__"]
+           "get_include", "get_library", "monarch", "nn", "ot", "sparse", "vq", "__version__"]
