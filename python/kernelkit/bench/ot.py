@@ -171,7 +171,7 @@ def solve_once(prov: str, case: Case, pb: dict) -> tuple[float, int, float, str]
         t0 = time.perf_counter()
         r = regot.sinkhorn_ssns(Mf, an, bn, reg, tol=tol_l2, max_iter=1000)
         ms = (time.perf_counter() - t0) * 1e3
-        return ms, int(r.niter), l1_error(torch.from_numpy(np.asarray(r.plan)), a.cpu(), b.cpu()), ""
+        return ms, int(r.niter), l1_error(torch.from_numpy(np.array(r.plan)), a.cpu(), b.cpu()), ""
     if prov == POT:
         ot, _ = _pot()
         Mn, an, bn = M.cpu().numpy(), a.cpu().numpy(), b.cpu().numpy()
@@ -260,6 +260,8 @@ def run(device: str, *, quick: bool = False, batch: int | None = None, repeats: 
             if p == POT:
                 continue
             if p in (KK_SNS, KK_SK) and pb["M"] is None:
+                continue
+            if p.endswith("_points") and pb["x"] is None:
                 continue
             try:
                 solve[p] = solve_once(p, case, pb)

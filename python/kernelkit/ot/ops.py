@@ -84,6 +84,8 @@ def _nt(work: int = SERIAL_WORK) -> int:
 
 def _cost_tuple(matrix: Optional[Tensor], x: Optional[Tensor], y: Optional[Tensor], kind: int, p: float) -> tuple:
     if kind == R.MATRIX:
+        if matrix.numel() == 0:  # an empty tensor's strides are arbitrary (a transposed empty is "contiguous")
+            return (kind, 0, float(p), 0, max(matrix.shape[2], 1), 0, 0, 0, 0, 0)
         return (kind, 0, float(p), _ptr(matrix), matrix.stride(1) if matrix.dim() == 3 and matrix.shape[1] > 1
                 else max(matrix.shape[2], 1), matrix.stride(0), 0, 0, 0, 0)
     D = x.shape[2]
@@ -106,6 +108,7 @@ def ot_sinkhorn_step(matrix: Optional[Tensor], x: Optional[Tensor], y: Optional[
                      axis: int, reg: float, w: Tensor, other: Tensor, pot: Optional[Tensor], err_norm: int,
                      backend: str) -> tuple[Tensor, Tensor]:
     B, n, m = _dims(matrix, x, y)
+    w, other, pot = [None if t is None else t.contiguous() for t in (w, other, pot)]
     if backend == "torch":
         C = _cost_dense(matrix, x, y, kind, p)
         pot_new, err = R.sinkhorn_step_reference(C, axis, reg, w, other, pot, err_norm)
@@ -189,6 +192,7 @@ def ot_marginals(matrix: Optional[Tensor], x: Optional[Tensor], y: Optional[Tens
                  wc: Optional[Tensor], want_r: bool, want_c: bool, want_obj: bool,
                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     B, n, m = _dims(matrix, x, y)
+    f, g, a, b, wr, wc = [None if t is None else t.contiguous() for t in (f, g, a, b, wr, wc)]
     empty = f.new_empty(0)
     if backend == "torch":
         C = _cost_dense(matrix, x, y, kind, p)
@@ -320,6 +324,7 @@ ot_marginals.register_autograd(_marg_backward, setup_context=_marg_setup)
 def ot_plan(matrix: Optional[Tensor], x: Optional[Tensor], y: Optional[Tensor], kind: int, p: float, reg: float,
             f: Tensor, g: Tensor, backend: str) -> Tensor:
     B, n, m = _dims(matrix, x, y)
+    f, g = f.contiguous(), g.contiguous()
     if backend == "torch":
         return R.plan_reference(_cost_dense(matrix, x, y, kind, p), reg, f, g).contiguous()
     if backend == "triton":
@@ -382,6 +387,7 @@ ot_plan.register_autograd(_plan_backward, setup_context=_plan_setup)
 def ot_sparsify(matrix: Optional[Tensor], x: Optional[Tensor], y: Optional[Tensor], kind: int, p: float, reg: float,
                 f: Tensor, g: Tensor, k: int, backend: str) -> tuple[Tensor, Tensor]:
     B, n, m = _dims(matrix, x, y)
+    f, g = f.contiguous(), g.contiguous()
     if backend == "torch":
         cols, vals = R.sparsify_reference(_cost_dense(matrix, x, y, kind, p), reg, f, g, k)
         return cols.contiguous(), vals.contiguous()
@@ -453,6 +459,7 @@ ot_sparsify.register_autograd(_spars_backward, setup_context=_spars_setup)
 def ot_hvp(cols: Tensor, vals: Tensor, r: Tensor, c: Tensor, vx: Tensor, vy: Tensor, shift: float,
            backend: str) -> tuple[Tensor, Tensor]:
     B, n, k = cols.shape
+    cols, vals, r, c, vx, vy = [t.contiguous() for t in (cols, vals, r, c, vx, vy)]
     m = c.shape[1]
     if backend == "torch":
         yx, yy = R.hvp_reference(cols, vals, r, c, shift, vx, vy)
@@ -517,6 +524,7 @@ ot_hvp.register_autograd(_hvp_backward, setup_context=_hvp_setup)
 def ot_cg(cols: Tensor, vals: Tensor, r: Tensor, c: Tensor, rhs_x: Tensor, rhs_y: Tensor, zx0: Tensor, zy0: Tensor,
           shift: float, tol: float, max_iter: int, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B, n, k = cols.shape
+    cols, vals, r, c, rhs_x, rhs_y, zx0, zy0 = [t.contiguous() for t in (cols, vals, r, c, rhs_x, rhs_y, zx0, zy0)]
     m = c.shape[1]
     if backend == "torch":
         zx, zy, iters, resid = R.cg_reference(cols, vals, r, c, shift, rhs_x, rhs_y, zx0, zy0, tol, max_iter)
@@ -576,6 +584,7 @@ def ot_points_grad(x: Tensor, y: Tensor, kind: int, p: float, reg: float, f: Ten
                    scale: Optional[Tensor], u: Optional[Tensor], v: Optional[Tensor],
                    backend: str) -> tuple[Tensor, Tensor]:
     B, n, D = x.shape
+    f, g, scale, u, v = [None if t is None else t.contiguous() for t in (f, g, scale, u, v)]
     m = y.shape[1]
     if backend == "torch":
         dx, dy = R.points_grad_reference(kind, p, x, y, reg, f, g, scale, u, v)
@@ -837,7 +846,7 @@ def sparsify(cost: Cost, reg: float, f: Tensor, g: Tensor, k: int, backend: Opti
     f, g = _vec(f, "f", B, n, cost, fn), _vec(g, "g", B, m, cost, fn)
     cost = cost.expand(B)
     if n == 0 or m == 0:
-        k = max(k, 0)
+        k = min(max(k, 0), m)
     return torch.ops.kernelkit.ot_sparsify(*cost.args(), reg, f, g, k, _select(fn, cost, backend))
 
 
