@@ -470,7 +470,7 @@ def ot_hvp(cols: Tensor, vals: Tensor, r: Tensor, c: Tensor, vx: Tensor, vy: Ten
     args = (_KK_DTYPE[vals.dtype], B, n, m, k, _ptr(cols), _ptr(vals), _ptr(r), _ptr(c), float(shift), _ptr(vx),
             _ptr(vy), _ptr(yx), _ptr(yy))
     if backend == "cpu":
-        _lib.C().ot_hvp_cpu(*args, _nt(B * n * k * 8))
+        _lib.C().ot_hvp_cpu(*args, _nt(B * n * k // 4))
     elif backend == "cuda":
         with torch.cuda.device(vals.device):
             _lib.C().ot_hvp_cuda(*args, _stream(vals))
@@ -537,7 +537,9 @@ def ot_cg(cols: Tensor, vals: Tensor, r: Tensor, c: Tensor, rhs_x: Tensor, rhs_y
     args = (_KK_DTYPE[vals.dtype], B, n, m, k, _ptr(cols), _ptr(vals), _ptr(r), _ptr(c), float(shift), _ptr(rhs_x),
             _ptr(rhs_y), _ptr(zx), _ptr(zy), float(tol), int(max_iter), _ptr(iters), _ptr(resid))
     if backend == "cpu":
-        _lib.C().ot_cg_cpu(*args, _nt(B * n * k * 8))
+        # CG synchronizes its threads several times per iteration: worth it only for large systems (at
+        # n = 1000, k = 64, two threads took 264 ms where one took 70 ms, over 8 solves).
+        _lib.C().ot_cg_cpu(*args, _nt(B * n * k // 32))
     elif backend == "cuda":
         with torch.cuda.device(vals.device):
             nbytes = _lib.C().ot_cg_cuda_workspace_size(_KK_DTYPE[vals.dtype], B, n, m)
