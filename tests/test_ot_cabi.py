@@ -6,81 +6,23 @@ vectorized exp over its whole range, CG step for step, tiny reg, the tiles of th
 from __future__ import annotations
 
 import math
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-import kernelkit
+from cabi_common import ISAS, make_cabi_tests
 from kernelkit import _C
 from kernelkit.ot import reference as R
 
-HERE = Path(__file__).resolve().parent
-ISAS = ("base", "avx2", "avx512")
 OT_SYMBOLS = tuple(f"kk_ot_{op}_cpu" for op in ("sinkhorn_step", "marginals", "plan", "sparsify", "hvp", "cg",
                                                  "points_grad"))
 DT = {torch.float32: 0, torch.float64: 1}
 TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
-def _env(isa: str) -> dict:
-    return dict(os.environ, KERNELKIT_CPU_ISA=isa)
-
-
-def _check_isa(reported: str, requested: str) -> None:
-    """The library runs the requested variant or, on a CPU without it, a lower one."""
-    assert reported in ISAS, reported
-    assert ISAS.index(reported) <= ISAS.index(requested), (reported, requested)
-    if requested == "base":
-        assert reported == "base"
-
-
-def test_ot_header_is_installed_and_symbols_exported():
-    assert (Path(kernelkit.get_include()) / "kernelkit" / "ot.h").is_file()
-    if shutil.which("nm") is None:
-        pytest.skip("nm not installed")
-    out = subprocess.run(["nm", "-D", "--defined-only", kernelkit.get_library()], capture_output=True, text=True,
-                         check=True).stdout
-    names = {line.split()[-1] for line in out.splitlines() if line.strip()}
-    for sym in OT_SYMBOLS:
-        assert sym in names, f"{sym} not exported"
-    # only the C ABI is visible: the per-ISA kernels and the checks stay hidden
-    assert not [n for n in names if "_ot_" in n and not n.startswith("kk_ot_")]
-
-
-@pytest.mark.parametrize("isa", ISAS)
-def test_ot_cabi_from_numpy_ctypes_without_torch(isa):
-    proc = subprocess.run([sys.executable, str(HERE / "cabi_ot_numpy.py"), kernelkit.get_library()],
-                          capture_output=True, text=True, env=_env(isa), timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    words = proc.stdout.split()
-    assert words[0] == "ok", proc.stdout
-    _check_isa(words[1], isa)
-
-
-@pytest.fixture(scope="module")
-def cabi_ot_exe(tmp_path_factory):
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
-    lib = Path(kernelkit.get_library())
-    exe = tmp_path_factory.mktemp("cabi") / "cabi_ot"
-    subprocess.run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", str(HERE / "cabi_ot.c"),
-                    f"-I{kernelkit.get_include()}", f"-L{lib.parent}", f"-Wl,-rpath,{lib.parent}", f"-l:{lib.name}",
-                    "-lm", "-o", str(exe)], check=True, capture_output=True, text=True)
-    return exe
-
-
-@pytest.mark.parametrize("isa", ISAS)
-def test_ot_cabi_from_a_c_program(cabi_ot_exe, isa):
-    proc = subprocess.run([str(cabi_ot_exe)], capture_output=True, text=True, env=_env(isa), timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout}{proc.stderr}"
-    last = proc.stdout.strip().splitlines()[-1].split()
-    assert last[:2] == ["ok", kernelkit.__version__], proc.stdout
-    _check_isa(last[2], isa)
+(test_ot_header_is_installed_and_symbols_exported, test_ot_cabi_from_numpy_ctypes_without_torch,
+ cabi_exe, test_ot_cabi_from_a_c_program) = make_cabi_tests(
+    "ot", OT_SYMBOLS, lambda n: "_ot_" in n and not n.startswith("kk_ot_"))
 
 
 # ---- through kernelkit._C, in this process (the library reads KERNELKIT_CPU_ISA at every call) ----------

@@ -16,69 +16,17 @@ from pathlib import Path
 
 import pytest
 
-import kernelkit
+from cabi_common import env_for, make_cabi_tests
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-ISAS = ("base", "avx2", "avx512")
 SPARSE_SYMBOLS = ("kk_sparse_check_csr", "kk_sparse_csr_transpose_cpu", "kk_sparse_linear_fwd_cpu",
                   "kk_sparse_linear_bwd_cpu")
 
 
-def _env(isa: str) -> dict:
-    return dict(os.environ, KERNELKIT_CPU_ISA=isa)
-
-
-def _check_isa(reported: str, requested: str) -> None:
-    """The library runs the requested variant or, on a CPU without it, a lower one."""
-    assert reported in ISAS, reported
-    assert ISAS.index(reported) <= ISAS.index(requested), (reported, requested)
-    if requested == "base":
-        assert reported == "base"
-
-
-def test_sparse_header_is_installed_and_symbols_exported():
-    assert (Path(kernelkit.get_include()) / "kernelkit" / "sparse.h").is_file()
-    if shutil.which("nm") is None:
-        pytest.skip("nm not installed")
-    out = subprocess.run(["nm", "-D", "--defined-only", kernelkit.get_library()], capture_output=True, text=True,
-                         check=True).stdout
-    names = {line.split()[-1] for line in out.splitlines() if line.strip()}
-    for sym in SPARSE_SYMBOLS:
-        assert sym in names, f"{sym} not exported"
-    # only the C ABI is visible: the per-ISA kernels and the checks stay hidden
-    assert not [n for n in names if "sparse" in n and not n.startswith("kk_sparse_")]
-
-
-@pytest.mark.parametrize("isa", ISAS)
-def test_sparse_cabi_from_numpy_ctypes_without_torch(isa):
-    proc = subprocess.run([sys.executable, str(HERE / "cabi_sparse_numpy.py"), kernelkit.get_library()],
-                          capture_output=True, text=True, env=_env(isa), timeout=600)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    words = proc.stdout.split()
-    assert words[0] == "ok", proc.stdout
-    _check_isa(words[1], isa)
-
-
-@pytest.fixture(scope="module")
-def cabi_sparse_exe(tmp_path_factory):
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
-    lib = Path(kernelkit.get_library())
-    exe = tmp_path_factory.mktemp("cabi") / "cabi_sparse"
-    subprocess.run(["gcc", "-std=c99", "-Wall", "-Wextra", "-Werror", str(HERE / "cabi_sparse.c"),
-                    f"-I{kernelkit.get_include()}", f"-L{lib.parent}", f"-Wl,-rpath,{lib.parent}", f"-l:{lib.name}",
-                    "-lm", "-o", str(exe)], check=True, capture_output=True, text=True)
-    return exe
-
-
-@pytest.mark.parametrize("isa", ISAS)
-def test_sparse_cabi_from_a_c_program(cabi_sparse_exe, isa):
-    proc = subprocess.run([str(cabi_sparse_exe)], capture_output=True, text=True, env=_env(isa), timeout=600)
-    assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout}{proc.stderr}"
-    last = proc.stdout.strip().splitlines()[-1].split()
-    assert last[:2] == ["ok", kernelkit.__version__], proc.stdout
-    _check_isa(last[2], isa)
+(test_sparse_header_is_installed_and_symbols_exported, test_sparse_cabi_from_numpy_ctypes_without_torch,
+ cabi_exe, test_sparse_cabi_from_a_c_program) = make_cabi_tests(
+    "sparse", SPARSE_SYMBOLS, lambda n: "sparse" in n and not n.startswith("kk_sparse_"))
 
 
 def _build_vec64_library() -> Path:
@@ -131,7 +79,7 @@ def test_sparse_cabi_with_the_avx512_tiling_on_avx2(tmp_path):
     subprocess.run(["gcc", "-std=c99", "-Wall", "-Werror", str(HERE / "cabi_sparse.c"), f"-I{ROOT / 'csrc' / 'include'}",
                     f"-L{lib.parent}", f"-Wl,-rpath,{lib.parent}", "-l:libkernelkit.so", "-lm", "-o", str(exe)],
                    check=True, capture_output=True, text=True)
-    env = _env("avx2")  # the isa_avx2 slot holds the 64-byte-vector build
+    env = env_for("avx2")  # the isa_avx2 slot holds the 64-byte-vector build
     proc = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, f"exit {proc.returncode}: {proc.stdout}{proc.stderr}"
     assert proc.stdout.strip().splitlines()[-1].split()[2] == "avx2", proc.stdout

@@ -70,7 +70,8 @@ def main(argv=None) -> int:
         done[0] = len(rows)
         if new:
             print(f"  [{new[0]['op']} {new[0]['shape']} {new[0]['dtype']}] "
-                  + ", ".join(f"{r['provider']} {r['median_ms']:.3f} ms" for r in new), file=sys.stderr, flush=True)
+                  + ", ".join(f"{r['provider']} " + (f"{r['median_ms']:.3f} ms" if r['median_ms'] is not None else "not run")
+                             for r in new), file=sys.stderr, flush=True)
         _report.write_csv(rows, csv_path, csv_columns)
 
     rows = fam.run(a.device, quick=a.quick, batch=a.batch, repeats=repeats, warmup=warmup,

@@ -28,6 +28,7 @@ the n*m exp evaluations of an iteration (2 per entry) at the exp rate measured a
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 import warnings
@@ -141,6 +142,18 @@ def _kk_l1(cost: Cost, reg: float, f, g, a, b) -> float:
     return float((r[0] - a).abs().sum() + (c[0] - b).abs().sum())
 
 
+def _regot_child(path: str, reg: float, tol: float, q) -> None:
+    """regot's SSNS on the problem saved at ``path``, timed here; (ms, iterations, L1 error) into ``q``."""
+    regot, _ = _regot()
+    d = np.load(path)
+    Mf, an, bn = np.asfortranarray(d["M"]), d["a"], d["b"]
+    t0 = time.perf_counter()
+    r = regot.sinkhorn_ssns(Mf, an, bn, reg, tol=tol, max_iter=1000)
+    ms = (time.perf_counter() - t0) * 1e3
+    P = np.asarray(r.plan)
+    q.put((ms, int(r.niter), float(np.abs(P.sum(1) - an).sum() + np.abs(P.sum(0) - bn).sum())))
+
+
 def solve_once(prov: str, case: Case, pb: dict) -> tuple[float, int, float, str]:
     """(milliseconds, iterations, L1 error, note) of one solve to TARGET."""
     a, b, M, reg, n = pb["a"], pb["b"], pb["M"], case.reg, case.n
@@ -174,30 +187,25 @@ def solve_once(prov: str, case: Case, pb: dict) -> tuple[float, int, float, str]
         ms = (time.perf_counter() - t0) * 1e3
         return ms, iters, _kk_l1(cost, reg, res.f, res.g, a, b), note
     if prov == REGOT:
-        # In a child process with a wall budget: regot's C++ solve cannot be interrupted from Python, and
-        # at n = 5000, reg = 1e-2 it ran for over 10 minutes here.
+        # In a fresh ("spawn") child process with a wall budget: regot's C++ solve cannot be interrupted from
+        # Python, and a forked child hung (OpenMP / torch thread pools do not survive a fork).
         import multiprocessing as mp
-        ctx = mp.get_context("fork")
+        import tempfile
+        ctx = mp.get_context("spawn")
         q = ctx.Queue()
-
-        def child():
-            regot, _ = _regot()
-            Mf = np.asfortranarray(M.cpu().numpy())
-            an, bn = a.cpu().numpy(), b.cpu().numpy()
-            t0 = time.perf_counter()
-            r = regot.sinkhorn_ssns(Mf, an, bn, reg, tol=tol_l2, max_iter=1000)
-            ms = (time.perf_counter() - t0) * 1e3
-            q.put((ms, int(r.niter), l1_error(torch.from_numpy(np.array(r.plan)), a.cpu(), b.cpu())))
-        proc = ctx.Process(target=child)
-        proc.start()
-        try:
-            ms, it, err = q.get(timeout=BUDGET_S + 60)
-            proc.join()
-            return ms, it, err, ""
-        except Exception:  # noqa: BLE001 - the budget ran out
-            proc.kill()
-            proc.join()
-            return BUDGET_S * 1e3, None, None, f"stopped after {BUDGET_S:.0f} s (not converged): a lower bound"
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "problem.npz")
+            np.savez(path, M=M.cpu().numpy(), a=a.cpu().numpy(), b=b.cpu().numpy())
+            proc = ctx.Process(target=_regot_child, args=(path, reg, tol_l2, q))
+            proc.start()
+            try:
+                ms, it, err = q.get(timeout=BUDGET_S + 60)
+                proc.join()
+                return ms, it, err, ""
+            except Exception:  # noqa: BLE001 - the budget ran out
+                proc.kill()
+                proc.join()
+                return BUDGET_S * 1e3, None, None, f"stopped after {BUDGET_S:.0f} s (not converged): a lower bound"
     if prov == POT:
         ot, _ = _pot()
         Mn, an, bn = M.cpu().numpy(), a.cpu().numpy(), b.cpu().numpy()
