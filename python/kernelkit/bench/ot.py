@@ -350,7 +350,7 @@ def goal_report(rows: list[dict], device: str) -> list[str]:
         return out
     sns = [r for r in rows if r["op"] == "solve" and r["provider"] == KK_SNS and r["median_ms"] is not None
            and any(q["op"] == "solve" and q["provider"] == REGOT and q["shape"] == r["shape"] for q in rows)]
-    out += _goal(sns, f"Goal (CPU): SNS no slower than regot's SSNS on every case", "vs_regot", GOALS["sns_vs_regot"])
+    out += _goal(sns, "Goal (CPU): SNS no slower than regot's SSNS on every case", "vs_regot", GOALS["sns_vs_regot"])
     key = [r for r in rows if r["op"] == "solve" and r["provider"] == KK_SNS and r["n"] == 2000
            and r["problem"] == "points" and abs(r["reg"] - 1e-3) < 1e-12 and r["vs_pot"] is not None]
     out += _goal(key, "Goal (CPU): SNS >= 100x faster than POT sinkhorn_log at n=2000, reg=1e-3", "vs_pot",

@@ -311,8 +311,7 @@ def _marg_backward(ctx, gr, gc, go):
                 W = W - P * gr[:, :, None] * wc_[:, None, :] / reg
             if gc is not None:
                 W = W - P * wr_[:, :, None] * gc[:, None, :] / reg
-            G = R.cost_grad_terms(kind, p, x, y)
-            gx, gy = (W[..., None] * G).sum(2), -(W[..., None] * G).sum(1)
+            gx, gy = _points_vjp(kind, p, x, y, W)
     return (gm, gx, gy, None, None, None, gf, gg, ga, gb, gwr, gwc, None, None, None, None)
 
 
@@ -741,10 +740,14 @@ class Cost:
         return (self.mat, self.x, self.y, self.kind, self.p)
 
 
-def _check_reg(reg, fn: str) -> float:
+def _check_reg(reg, fn: str, scalar_types: tuple = (int, float)) -> float:
+    """reg as a float: a number of ``scalar_types`` (kernelkit.ot.pot adds numpy's) or a one-element
+    tensor, finite and > 0; TypeError / ValueError naming it otherwise."""
     if isinstance(reg, Tensor):
+        if reg.numel() != 1:
+            raise ValueError(f"{fn}: reg must be a scalar, got shape {tuple(reg.shape)}")
         reg = reg.item()
-    if isinstance(reg, bool) or not isinstance(reg, (int, float)):
+    if isinstance(reg, bool) or type(reg).__name__ == "bool_" or not isinstance(reg, scalar_types):
         raise TypeError(f"{fn}: reg must be a float, got {type(reg).__name__}")
     reg = float(reg)
     if not (math.isfinite(reg) and reg > 0):

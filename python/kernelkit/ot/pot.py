@@ -12,7 +12,6 @@ with a warning.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Optional
 
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import solvers
+from . import ops, solvers
 from .ops import Cost
 from .reference import KINDS
 
@@ -63,16 +62,7 @@ def _as_tensor(x, name: str, fn: str, like: Optional[Tensor] = None) -> Tensor:
 
 
 def _check_reg(reg, fn: str) -> float:
-    if isinstance(reg, Tensor):
-        if reg.numel() != 1:
-            raise ValueError(f"{fn}: reg must be a scalar, got shape {tuple(reg.shape)}")
-        reg = reg.item()
-    if isinstance(reg, (bool, np.bool_)) or not isinstance(reg, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{fn}: reg must be a float, got {type(reg).__name__}")
-    reg = float(reg)
-    if not (math.isfinite(reg) and reg > 0):
-        raise ValueError(f"{fn}: reg must be finite and > 0, got {reg}")
-    return reg
+    return ops._check_reg(reg, fn, (int, float, np.floating, np.integer))  # POT users pass numpy scalars
 
 
 def _check_weights(w: Tensor, name: str, length: int, fn: str, allow_2d: bool) -> Tensor:

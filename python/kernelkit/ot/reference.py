@@ -119,8 +119,7 @@ def hvp_reference(cols: Tensor, vals: Tensor, r: Tensor, c: Tensor, shift: float
 def cg_reference(cols: Tensor, vals: Tensor, r: Tensor, c: Tensor, shift: float, rhs_x: Tensor, rhs_y: Tensor,
                  zx: Tensor, zy: Tensor, tol: float, max_iter: int):
     """Jacobi-preconditioned CG per problem, the C entry point's algorithm: (zx, zy, iters, resid)."""
-    B, n = rhs_x.shape
-    m = rhs_y.shape[1]
+    B = rhs_x.shape[0]
     dx, dy = r + shift, c + shift
     dx = torch.where(dx > 0, dx, torch.ones_like(dx))
     dy = torch.where(dy > 0, dy, torch.ones_like(dy))

@@ -22,7 +22,6 @@ log reports k per step.  SNS stops when the L2 norm of the whole gradient (a - P
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass, field
 from typing import Optional
 
