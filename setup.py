@@ -37,9 +37,9 @@ CPU_ISAS = [("isa_base", [])]
 if IS_X86:
     CPU_ISAS += [("isa_avx2", ["-mavx2", "-mfma"]),
                  ("isa_avx512", ["-mavx512f", "-mavx512dq", "-mavx2", "-mfma"])]
-CPU_PER_ISA = ["monarch.cpp", "sparse.cpp", "vq.cpp", "ot.cpp"]                      # kernels, compiled once per ISA
-CPU_COMMON = ["status.cpp", "isa.cpp", "monarch_api.cpp", "sparse_api.cpp", "sparse_convert.cpp", "vq_api.cpp", "ot_api.cpp"]
-CUDA_SOURCES = ["monarch.cu", "sparse.cu", "vq.cu", "ot.cu"]
+CPU_PER_ISA = ["monarch.cpp", "sparse.cpp", "vq.cpp", "ot.cpp", "mfac.cpp"]          # kernels, compiled once per ISA
+CPU_COMMON = ["status.cpp", "isa.cpp", "monarch_api.cpp", "sparse_api.cpp", "sparse_convert.cpp", "vq_api.cpp", "ot_api.cpp", "mfac_api.cpp"]
+CUDA_SOURCES = ["monarch.cu", "sparse.cu", "vq.cu", "ot.cu", "mfac.cu"]
 
 
 def _run(cmd):
@@ -133,7 +133,7 @@ class BuildKernelkit(build_ext):
 
 ext = Pybind11Extension(
     "kernelkit._C",
-    [str(Path("csrc") / "python" / f) for f in ("module.cpp", "sparse.cpp", "vq.cpp", "ot.cpp")],  # one binding file per family
+    [str(Path("csrc") / "python" / f) for f in ("module.cpp", "sparse.cpp", "vq.cpp", "ot.cpp", "mfac.cpp")],  # one binding file per family
     include_dirs=[str(CSRC / "include")],
     libraries=["kernelkit"],
     extra_link_args=["-Wl,-rpath,$ORIGIN/lib"],

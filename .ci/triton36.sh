@@ -69,7 +69,7 @@ set +e
 import sys
 import pytest
 rc = pytest.main(["tests/test_monarch_triton.py", "tests/test_sparse_triton.py", "tests/test_vq_triton.py",
-                  "tests/test_ot_triton.py", "-q",
+                  "tests/test_ot_triton.py", "tests/test_mfac_triton.py", "-q",
                   "-p", "no:cacheprovider",
                   "-W", "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"])
 used = getattr(sys.modules.get("triton"), "__version__", "none")

@@ -12,6 +12,13 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# The README's test command runs two pytest-xdist workers (CI has two cores).  Each worker runs the
+# kernels on one thread: two workers with two OpenMP threads each oversubscribe the cores, and
+# spin-waiting OpenMP barriers then made small calls 10-60x slower here.  The threaded paths are still
+# exercised: the C-ABI tests pass explicit thread counts, and a run without -n uses all threads.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # Hypothesis profiles (property tests, tests/test_monarch_properties.py), chosen by the environment
 # variable HYPOTHESIS_PROFILE:
 #   ci   (default): the same examples on every run (derandomized, fixed seed), so CI is reproducible

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from cuda_emu import Emulator, build, load
+from cuda_emu import Emulator, build, load, mutant_dir
 from helpers import assert_close
 from kernelkit.monarch.reference import monarch_reference, monarch_reference_bwd
 
@@ -256,14 +254,7 @@ MUTANTS = {
 
 @pytest.mark.parametrize("mutant", list(MUTANTS))
 def test_the_emulation_catches_a_deliberate_bug(tmp_path, mutant):
-    src = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
-    scratch = tmp_path / "cuda"
-    shutil.copytree(src, scratch)
-    before, after = MUTANTS[mutant]
-    text = (scratch / "monarch.cu").read_text()
-    assert text.count(before) == 1, "the mutation no longer applies: update MUTANTS to the kernel's code"
-    (scratch / "monarch.cu").write_text(text.replace(before, after))
-    emu = Emulator(build(cuda_dir=scratch, opt="-O1"))
+    emu = Emulator(build(cuda_dir=mutant_dir(tmp_path, "monarch.cu", *MUTANTS[mutant]), opt="-O1"))
     emu.set_device("h100", 4, 0)
     shape, batch = (16, 8, 8, 16, 12, 8), 17  # C = 4: some stage-2 slots are idle
     (x, w1, w2, dout), (x64, w164, w264, d64) = _data(shape, batch, torch.float32, seed=1)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-import math
 import re
 from pathlib import Path
 

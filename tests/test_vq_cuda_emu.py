@@ -16,13 +16,11 @@ import ctypes
 import math
 import os
 import re
-import shutil
-from pathlib import Path
 
 import pytest
 import torch
 
-from cuda_emu import Emulator, build, load
+from cuda_emu import Emulator, build, load, mutant_dir
 from helpers import assert_close
 
 KK = {torch.float32: 0, torch.float16: 2, torch.bfloat16: 3}
@@ -650,14 +648,7 @@ MUTANTS = {
 
 @pytest.mark.parametrize("mutant", list(MUTANTS))
 def test_the_emulation_catches_a_deliberate_bug(tmp_path, mutant):
-    src = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
-    scratch = tmp_path / "cuda"
-    shutil.copytree(src, scratch)
-    before, after = MUTANTS[mutant]
-    text = (scratch / "vq.cu").read_text()
-    assert text.count(before) == 1, "the mutation no longer applies: update MUTANTS to the kernel's code"
-    (scratch / "vq.cu").write_text(text.replace(before, after))
-    emu = Emulator(build(cuda_dir=scratch, opt="-O1"))
+    emu = Emulator(build(cuda_dir=mutant_dir(tmp_path, "vq.cu", *MUTANTS[mutant]), opt="-O1"))
     emu.set_device("h100")
     failures = []
     for case in (CASES[CASE_IDS.index("aqlm-2x8g8-b16")], CASES[CASE_IDS.index("gemm-b300")]):

@@ -28,4 +28,5 @@ inline void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 void bind_sparse(py::module_& m);
 void bind_vq(py::module_& m);
 void bind_ot(py::module_& m);
+void bind_mfac(py::module_& m);
 }  // namespace kkpy

@@ -49,6 +49,9 @@ const char* const kRequiredCudaSymbols[] = {
     "kk_vq_linear_bwd_cuda_workspace_size", "kk_vq_linear_bwd_cuda", "kk_vq_assign_cuda",
     "kk_ot_sinkhorn_step_cuda", "kk_ot_marginals_cuda", "kk_ot_plan_cuda", "kk_ot_sparsify_cuda", "kk_ot_hvp_cuda",
     "kk_ot_cg_cuda_workspace_size", "kk_ot_cg_cuda", "kk_ot_points_grad_cuda",
+    "kk_mfac_dots_cuda", "kk_mfac_combine_cuda", "kk_mfac_diag_cuda", "kk_mfac_static_setup_cuda_workspace_size",
+    "kk_mfac_static_setup_cuda", "kk_mfac_window_cuda_workspace_size", "kk_mfac_window_update_cuda",
+    "kk_mfac_window_rebuild_cuda", "kk_mfac_window_coef_cuda",
 };
 
 bool load_cuda(const std::string& path) {
@@ -156,4 +159,5 @@ PYBIND11_MODULE(_C, m) {
   bind_sparse(m);
   bind_vq(m);
   bind_ot(m);
+  bind_mfac(m);
 }

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,6 +55,19 @@ def _key(cuda_dir: Path, sanitize: bool, opt: str, cxx: str) -> str:
     h.update(" ".join(_flags(Path("."), sanitize, opt)).encode())
     h.update(subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout.encode())
     return h.hexdigest()[:20]
+
+
+def mutant_dir(tmp_path: Path, name: str, before: str, after: str) -> Path:
+    """A scratch copy of csrc/cuda holding only ``name`` (e.g. "vq.cu") among the .cu files, with the
+    one occurrence of ``before`` replaced by ``after``: the source of a deliberately broken library
+    (build(cuda_dir=...)) that compiles one family, not all of them."""
+    src = CSRC / "cuda"
+    scratch = Path(tmp_path) / "cuda"
+    shutil.copytree(src, scratch, ignore=lambda d, names: [n for n in names if n.endswith(".cu") and n != name])
+    text = (scratch / name).read_text()
+    assert text.count(before) == 1, "the mutation no longer applies: update MUTANTS to the kernel's code"
+    (scratch / name).write_text(text.replace(before, after))
+    return scratch
 
 
 def build(sanitize: bool = False, cuda_dir: Path | None = None, quiet: bool = True, opt: str = "-O2") -> Path:
