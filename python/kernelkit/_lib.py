@@ -69,3 +69,14 @@ def cuda_library_error() -> str | None:
     if not C().load_cuda(path):
         return f"library at {path} failed to load: {C().cuda_error()}"
     return None
+
+
+def stream(t) -> int:
+    """The current CUDA stream of ``t``'s device, as the int the CUDA entry points take."""
+    import torch
+    return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def ptr(t) -> int:
+    """``t.data_ptr()``, or 0 (NULL) for None: an optional array of the C entry points."""
+    return 0 if t is None else t.data_ptr()

@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--window", type=int, default=32, help="MFAC ngrads (the window size m)")
     ap.add_argument("--ngrads", type=int, default=64, help="OBS gradients per Fisher estimate")
     ap.add_argument("--block", type=int, default=128, help="OBS block size (0 = the full Fisher)")
-    ap.add_argument("--nrecomps", type=int, default=2)
+    ap.add_argument("--nrecomps", type=int, default=8, help="re-estimations per pruning (the paper: 16)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help="a small, fast run (the tests)")
     args = ap.parse_args(argv)

@@ -29,7 +29,11 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, _lib
+
 from . import reference as R
+
+_stream = _lib.stream
+_ptr = _lib.ptr
 
 _KK_DTYPE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 BUFFER_DTYPES = (torch.float32, torch.bfloat16, torch.float64)
@@ -52,14 +56,6 @@ def _supports(dtype: torch.dtype):
 def _triton():
     from kernelkit.kernels import mfac as tk  # imported lazily: triton is optional
     return tk
-
-
-def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
-def _ptr(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def _nt(work: int) -> int:

@@ -14,7 +14,10 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, _lib
+
 from .reference import monarch_reference, monarch_reference_bwd
+
+_stream = _lib.stream
 
 _KK_DTYPE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _SUPPORTED = {
@@ -45,10 +48,6 @@ def _dims(w1: Tensor, w2: Tensor):
 def _triton():
     from kernelkit.kernels import monarch as tk  # imported lazily: triton is optional
     return tk
-
-
-def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
 
 
 @torch.library.custom_op("kernelkit::monarch_fwd", mutates_args=())

@@ -35,7 +35,10 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _lib
+
 from . import reference as R
+
+_stream = _lib.stream
 
 _KK_DTYPE = {torch.float32: 0, torch.float64: 1}
 _SUPPORTED = {
@@ -62,10 +65,6 @@ def _supports(dtype: torch.dtype):
 def _triton():
     from kernelkit.kernels import ot as tk  # imported lazily: triton is optional
     return tk
-
-
-def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
 
 
 def _ptr(t: Optional[Tensor]) -> int:

@@ -24,8 +24,12 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, _lib
+
 from .format import SparseLayout, rows_of
 from .reference import reference_bwd, reference_fwd
+
+_stream = _lib.stream
+_ptr = _lib.ptr
 
 _KK_DTYPE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _SUPPORTED = {
@@ -56,14 +60,6 @@ def _supports(dtype: torch.dtype, device: torch.device | None = None):
 def _triton():
     from kernelkit.kernels import sparse as tk  # imported lazily: triton is optional
     return tk
-
-
-def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
-def _ptr(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 @torch.library.custom_op("kernelkit::sparse_linear_fwd", mutates_args=())

@@ -30,7 +30,11 @@ import torch
 from torch import Tensor
 
 from .. import _backend, _checks, _lib
+
 from .reference import assign_reference, dequantize_reference, reference_bwd, reference_fwd, unsigned_codes
+
+_stream = _lib.stream
+_ptr = _lib.ptr
 
 _KK_DTYPE = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 _SUPPORTED = {
@@ -68,14 +72,6 @@ def _supports(table, dtype: torch.dtype, device: torch.device | None = None):
 def _triton():
     from kernelkit.kernels import vq as tk  # imported lazily: triton is optional
     return tk
-
-
-def _stream(t: Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
-def _ptr(t: Optional[Tensor]) -> int:
-    return 0 if t is None else t.data_ptr()
 
 
 def code_bits(codes: Tensor) -> int:
