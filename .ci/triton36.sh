@@ -64,15 +64,17 @@ echo "triton36: AOT compile took $((SECONDS - t))s"
 t=$SECONDS
 set +e
 # (triton is looked at after the run: importing it first would come before tests/conftest.py sets
-# TRITON_INTERPRET, which must precede the first import)
+# TRITON_INTERPRET, which must precede the first import; the tests run on two pytest-xdist workers)
 "$PY" - "$VER" <<'EOF'
 import sys
 import pytest
 rc = pytest.main(["tests/test_monarch_triton.py", "tests/test_sparse_triton.py", "tests/test_vq_triton.py",
-                  "tests/test_ot_triton.py", "tests/test_mfac_triton.py", "-q",
+                  "tests/test_ot_triton.py", "tests/test_mfac_triton.py", "-q", "-n", "2",
                   "-p", "no:cacheprovider",
                   "-W", "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"])
-used = getattr(sys.modules.get("triton"), "__version__", "none")
+# (the two xdist workers import triton from the same PYTHONPATH as this process)
+import triton  # noqa: E402
+used = getattr(triton, "__version__", "none")
 if used != sys.argv[1]:
     sys.exit(f"triton36: the tests ran with triton {used}, not {sys.argv[1]}")
 sys.exit(rc)
