@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-from .ihvp import SlidingWindowIHVP
+from .ihvp import SlidingWindowIHVP, all_finite
 
 __all__ = ["MFAC"]
 
@@ -164,7 +164,7 @@ class MFAC(torch.optim.Optimizer):
                 parts.append(g)
                 where.append((gi, pi, len(parts) - 1))
         g = torch.cat(parts)
-        if not bool(torch.isfinite(g).all()):
+        if not all_finite(g):
             bad = [f"param_groups[{gi}]['params'][{pi}]" for gi, pi, k in where
                    if not bool(torch.isfinite(parts[k]).all())]
             raise ValueError(f"kernelkit.mfac.MFAC.step: non-finite gradient (NaN or inf) in {', '.join(bad)}; "
