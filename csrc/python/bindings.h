@@ -20,6 +20,17 @@ void check_cuda(kk_status st);  // after a CUDA library call (its own kk_last_er
 void* cuda_symbol(const char* name);
 #define cuda_fn(fn) (reinterpret_cast<decltype(&fn)>(::kkpy::cuda_symbol(#fn)))
 
+// Runs a CPU library call with the GIL released, then raises the Python exception for a failed status.
+template <typename Fn>
+void cpu_call(Fn&& fn) {
+  kk_status st;
+  {
+    py::gil_scoped_release nogil;
+    st = fn();
+  }
+  check(st);
+}
+
 template <typename T = void>
 inline const T* cptr(uintptr_t p) { return reinterpret_cast<const T*>(p); }
 inline void* mptr(uintptr_t p) { return reinterpret_cast<void*>(p); }

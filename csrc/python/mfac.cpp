@@ -7,15 +7,6 @@
 namespace kkpy {
 
 namespace {
-template <typename Fn>
-void cpu_call(Fn&& fn) {
-  kk_status st;
-  {
-    py::gil_scoped_release nogil;
-    st = fn();
-  }
-  check(st);
-}
 inline double* dptr(uintptr_t p) { return reinterpret_cast<double*>(p); }
 inline const double* cdptr(uintptr_t p) { return reinterpret_cast<const double*>(p); }
 }  // namespace

@@ -32,17 +32,6 @@ kk_ot_cost to_cost(const Cost& t) {
   return c;
 }
 
-// Runs a CPU call with the GIL released and raises on failure.
-template <typename Fn>
-void cpu_call(Fn&& fn) {
-  kk_status st;
-  {
-    py::gil_scoped_release nogil;
-    st = fn();
-  }
-  check(st);
-}
-
 inline int32_t* iptr(uintptr_t p) { return reinterpret_cast<int32_t*>(p); }
 inline const int32_t* ciptr(uintptr_t p) { return reinterpret_cast<const int32_t*>(p); }
 }  // namespace
