@@ -73,6 +73,7 @@
 #include <cstdlib>
 
 #include "../cpu/status.h"
+#include "api_common.cuh"
 #include "common.cuh"
 #include "kernelkit/mfac.h"
 
@@ -816,28 +817,10 @@ __global__ void __launch_bounds__(kThreads) ss_solve_kernel(const StaticP P) {
 // =================================================================================================
 // Host side
 // =================================================================================================
-#define KK_TRY(...)                      \
-  do {                                   \
-    const kk_status st_ = (__VA_ARGS__); \
-    if (st_ != KK_OK) return st_;        \
-  } while (0)
-
-constexpr int64_t kSizeLimit = int64_t(1) << 40;
-
-kk_status check_launch(const char* fn) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return kk::fail(KK_ERR_CUDA, "%s: kernel launch failed: %s", fn, cudaGetErrorString(err));
-  return KK_OK;
-}
-
-kk_status cuda_call(const char* fn, cudaError_t err, const char* what) {
-  if (err != cudaSuccess) return kk::fail(KK_ERR_CUDA, "%s: %s failed: %s", fn, what, cudaGetErrorString(err));
-  return KK_OK;
-}
-
-kk_status need_ptr(const char* fn, const void* p, const char* name) {
-  return p != nullptr ? KK_OK : kk::fail(KK_ERR_NULL_POINTER, "%s: %s is NULL", fn, name);
-}
+using kk::check_launch;  // api_common.cuh
+using kk::cuda_call;
+using kk::kSizeLimit;
+using kk::need_ptr;
 
 kk_status need_ld(const char* fn, int64_t ld, int64_t d, const char* name) {
   return ld >= d ? KK_OK

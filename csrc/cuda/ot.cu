@@ -57,6 +57,7 @@
 #include <vector>
 
 #include "../cpu/status.h"
+#include "api_common.cuh"
 #include "common.cuh"
 #include "kernelkit/ot.h"
 
@@ -767,28 +768,10 @@ __global__ void __launch_bounds__(kThreads, 1) ot_cg_final_kernel(const CgP<T> P
 // =================================================================================================
 // Host side
 // =================================================================================================
-#define KK_TRY(...)                      \
-  do {                                   \
-    const kk_status st_ = (__VA_ARGS__); \
-    if (st_ != KK_OK) return st_;        \
-  } while (0)
-
-constexpr int64_t kSizeLimit = int64_t(1) << 40;
-
-kk_status check_launch(const char* fn) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return kk::fail(KK_ERR_CUDA, "%s: kernel launch failed: %s", fn, cudaGetErrorString(err));
-  return KK_OK;
-}
-
-kk_status cuda_call(const char* fn, cudaError_t err, const char* what) {
-  if (err != cudaSuccess) return kk::fail(KK_ERR_CUDA, "%s: %s failed: %s", fn, what, cudaGetErrorString(err));
-  return KK_OK;
-}
-
-kk_status need_ptr(const char* fn, const void* p, const char* name) {
-  return p != nullptr ? KK_OK : kk::fail(KK_ERR_NULL_POINTER, "%s: %s is NULL", fn, name);
-}
+using kk::check_launch;  // api_common.cuh
+using kk::cuda_call;
+using kk::kSizeLimit;
+using kk::need_ptr;
 
 kk_status check_dtype(const char* fn, kk_dtype dtype) {
   if (dtype != KK_FLOAT32 && dtype != KK_FLOAT64)
