@@ -37,9 +37,9 @@ CPU_ISAS = [("isa_base", [])]
 if IS_X86:
     CPU_ISAS += [("isa_avx2", ["-mavx2", "-mfma"]),
                  ("isa_avx512", ["-mavx512f", "-mavx512dq", "-mavx2", "-mfma"])]
-CPU_PER_ISA = ["monarch.cpp", "sparse.cpp", "vq.cpp", "ot.cpp", "mfac.cpp"]          # kernels, compiled once per ISA
-CPU_COMMON = ["status.cpp", "isa.cpp", "monarch_api.cpp", "sparse_api.cpp", "sparse_convert.cpp", "vq_api.cpp", "ot_api.cpp", "mfac_api.cpp"]
-CUDA_SOURCES = ["monarch.cu", "sparse.cu", "vq.cu", "ot.cu", "mfac.cu"]
+CPU_PER_ISA = ["monarch.cpp", "sparse.cpp", "vq.cpp", "ot.cpp", "mfac.cpp", "rbf.cpp"]          # kernels, compiled once per ISA
+CPU_COMMON = ["status.cpp", "isa.cpp", "monarch_api.cpp", "sparse_api.cpp", "sparse_convert.cpp", "vq_api.cpp", "ot_api.cpp", "mfac_api.cpp", "rbf_api.cpp"]
+CUDA_SOURCES = ["monarch.cu", "sparse.cu", "vq.cu", "ot.cu", "mfac.cu", "rbf.cu"]
 
 
 def _run(cmd):
@@ -96,7 +96,7 @@ class BuildKernelkit(build_ext):
         for ns, isa_flags in CPU_ISAS:
             for src in CPU_PER_ISA:
                 obj = tmp / f"{Path(src).stem}.{ns}.o"
-                jobs.append([cxx, *flags, *isa_flags, f"-DKK_ISA_NS={ns}", "-c", CSRC / "cpu" / src, "-o", obj])
+                jobs.append([cxx, *flags, *isa_flags, *(["-ffp-contract=off"] if src == "rbf.cpp" else []), f"-DKK_ISA_NS={ns}", "-c", CSRC / "cpu" / src, "-o", obj])  # rbf: knn dist2 without FMA (rbf.h)
         for src in CPU_COMMON:
             jobs.append([cxx, *flags, "-c", CSRC / "cpu" / src, "-o", tmp / f"{Path(src).stem}.o"])
         with ThreadPoolExecutor(self._jobs()) as pool:
@@ -133,7 +133,7 @@ class BuildKernelkit(build_ext):
 
 ext = Pybind11Extension(
     "kernelkit._C",
-    [str(Path("csrc") / "python" / f) for f in ("module.cpp", "sparse.cpp", "vq.cpp", "ot.cpp", "mfac.cpp")],  # one binding file per family
+    [str(Path("csrc") / "python" / f) for f in ("module.cpp", "sparse.cpp", "vq.cpp", "ot.cpp", "mfac.cpp", "rbf.cpp")],  # one binding file per family
     include_dirs=[str(CSRC / "include")],
     libraries=["kernelkit"],
     extra_link_args=["-Wl,-rpath,$ORIGIN/lib"],

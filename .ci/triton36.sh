@@ -69,7 +69,7 @@ set +e
 import sys
 import pytest
 rc = pytest.main(["tests/test_monarch_triton.py", "tests/test_sparse_triton.py", "tests/test_vq_triton.py",
-                  "tests/test_ot_triton.py", "tests/test_mfac_triton.py", "-q", "-n", "2",
+                  "tests/test_ot_triton.py", "tests/test_mfac_triton.py", "tests/test_rbf_triton.py", "-q", "-n", "2",
                   "-p", "no:cacheprovider",
                   "-W", "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"])
 # (the two xdist workers import triton from the same PYTHONPATH as this process)

@@ -74,10 +74,10 @@ step tests_cuda tests.log 150 "$PY" -m pytest tests -m cuda -q -p no:cacheprovid
 CS=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || echo compute-sanitizer)
 for tool in memcheck racecheck synccheck; do
   step "sanitizer_$tool" sanitizer.log 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$CS" --tool "$tool" \
-    --error-exitcode 3 "$PY" -m pytest tests/test_monarch_cuda.py tests/test_sparse_cuda.py tests/test_vq_cuda.py tests/test_ot_cuda.py tests/test_mfac_cuda.py -m cuda -k sanitizer_cases \
+    --error-exitcode 3 "$PY" -m pytest tests/test_monarch_cuda.py tests/test_sparse_cuda.py tests/test_vq_cuda.py tests/test_ot_cuda.py tests/test_mfac_cuda.py tests/test_rbf_cuda.py -m cuda -k sanitizer_cases \
     -q -p no:cacheprovider -x
 done
-step tests_triton tests.log 120 "$PY" -m pytest tests/test_monarch_triton.py tests/test_sparse_triton.py tests/test_vq_triton.py tests/test_ot_triton.py tests/test_mfac_triton.py -q -p no:cacheprovider -rfE
+step tests_triton tests.log 120 "$PY" -m pytest tests/test_monarch_triton.py tests/test_sparse_triton.py tests/test_vq_triton.py tests/test_ot_triton.py tests/test_mfac_triton.py tests/test_rbf_triton.py -q -p no:cacheprovider -rfE
 
 # (d) benchmarks (each family's table and goal check in bench.log, its CSV in $OUT)
 CSV_DIR=$(mktemp -d)
@@ -91,6 +91,8 @@ step bench_ot bench.log 150 "$PY" -m kernelkit.bench --family ot --device cuda -
   --repeats "$BENCH_REPEATS"
 step bench_mfac bench.log 150 "$PY" -m kernelkit.bench --family mfac --device cuda --out "$CSV_DIR" \
   --repeats "$BENCH_REPEATS"
+step bench_rbf bench.log 120 "$PY" -m kernelkit.bench --family rbf --device cuda --out "$CSV_DIR" \
+  --repeats "$BENCH_REPEATS" --batch 262144
 for f in "$CSV_DIR"/*_cuda.csv; do
   [[ -e "$f" ]] || continue
   echo "# family: $(basename "$f" _cuda.csv)"

@@ -40,4 +40,5 @@ void bind_sparse(py::module_& m);
 void bind_vq(py::module_& m);
 void bind_ot(py::module_& m);
 void bind_mfac(py::module_& m);
+void bind_rbf(py::module_& m);
 }  // namespace kkpy

@@ -52,6 +52,8 @@ const char* const kRequiredCudaSymbols[] = {
     "kk_mfac_dots_cuda", "kk_mfac_combine_cuda", "kk_mfac_diag_cuda", "kk_mfac_static_setup_cuda_workspace_size",
     "kk_mfac_static_setup_cuda", "kk_mfac_window_cuda_workspace_size", "kk_mfac_window_update_cuda",
     "kk_mfac_window_rebuild_cuda", "kk_mfac_window_coef_cuda",
+    "kk_rbf_grid_build_cuda_workspace_size", "kk_rbf_grid_build_cuda", "kk_rbf_knn_cuda", "kk_rbf_features_fwd_cuda",
+    "kk_rbf_features_bwd_cuda",
 };
 
 bool load_cuda(const std::string& path) {
@@ -160,4 +162,5 @@ PYBIND11_MODULE(_C, m) {
   bind_vq(m);
   bind_ot(m);
   bind_mfac(m);
+  bind_rbf(m);
 }

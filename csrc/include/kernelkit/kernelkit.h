@@ -123,5 +123,6 @@ KK_API kk_status kk_monarch_bwd_cuda(kk_dtype dtype, int64_t batch, int64_t k, i
 #include "kernelkit/vq.h"
 #include "kernelkit/ot.h"
 #include "kernelkit/mfac.h"
+#include "kernelkit/rbf.h"
 
 #endif /* KERNELKIT_KERNELKIT_H_ */

@@ -25,9 +25,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--family", choices=FAMILIES, default="monarch")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="tiny run (monarch: batch 256, first two shapes, "
-                   "nblocks 4; sparse: batch 256, 1024x4096 at 50/90/99%%; vq: 4096x4096 at batch 1/16/256; ot: n = 1000; mfac: d = 1e5 m = 64 and d = 1e6 m = 256)")
+                   "nblocks 4; sparse: batch 256, 1024x4096 at 50/90/99%%; vq: 4096x4096 at batch 1/16/256; ot: n = 1000; mfac: d = 1e5 m = 64 and d = 1e6 m = 256; rbf: N = 2^16, M = 1e4, k = 4 and 8)")
     p.add_argument("--batch", type=int, help="batch rows per case (default: the family's, 4096 for monarch, 2048 for sparse, "
-                   "1/4/16/256/4096 for vq; ot: the problem size n, default 1000/2000/5000; mfac: the gradient size d)")
+                   "1/4/16/256/4096 for vq; ot: the problem size n, default 1000/2000/5000; mfac: the gradient size d; rbf: the query points N)")
     p.add_argument("--repeats", type=int, help="timed calls per measurement; the median is reported "
                    f"(default {DEFAULT_REPEATS['cpu']} on cpu, {DEFAULT_REPEATS['cuda']} on cuda)")
     p.add_argument("--warmup", type=int, help="untimed calls first (default 1 on cpu, 5 on cuda)")
