@@ -78,12 +78,35 @@ _EPS = tl.constexpr(EPS)         # (the kernels' copy: a jit function reads only
 HEADER_BYTES = 256              # int64 header[16] + double geom[16]
 _KK_DTYPE = {torch.float32: 0, torch.float64: 1}
 
-# Tiles.  knn: one lane per query, KP = the next power of two >= max(k, 4); features: queries x channels.
-_BBOX_BLOCK = 1024
+# Tiles, chosen by the launchers from the dtypes and KP; aot_sweep() drives every choice, so
+# tests/triton_aot.py compiles each one (all spill-free on sm_80 and sm_90 with Triton 3.9's ptxas; the
+# previous single choice spilled up to 720 B in the float64 backward).  knn: KP = the next power of two
+# >= max(k, 4); its (BLOCK_N, KP) top-k tile (dist2 + int64 index) is what fills the registers, so every
+# KP >= 16 and float64 take 64 queries on 4 warps.  features: float64 (libdevice's double sin / cos and
+# 8-byte tiles) takes twice the warps for the same tiles; the float32 forward takes 128 queries on 8
+# warps (64 on 4 spilled 28 B with bfloat16 weights).
+_BBOX_BLOCK, _BBOX_WARPS = 1024, 8      # 4 warps spilled 4 B for float64 on sm_80
 _CELL_BLOCK = 1024
-_KNN_BN, _KNN_WARPS = 128, 4
-_FWD_BN, _FWD_BC, _FWD_WARPS = 64, 32, 4
-_BWD_BN, _BWD_BC, _BWD_WARPS = 32, 32, 4
+
+
+def _bbox_cfg(dtype):
+    """(BLOCK, num_warps) of _bbox_kernel."""
+    return _BBOX_BLOCK, _BBOX_WARPS
+
+
+def _knn_cfg(dtype, kp):
+    """(BLOCK_N, num_warps) of _knn_kernel for a coordinate dtype and KP."""
+    return (128, 4) if dtype == torch.float32 and kp <= 8 else (64, 4)
+
+
+def _fwd_cfg(cdt, wdt):
+    """(BLOCK_N, BLOCK_C, num_warps) of _fwd_kernel for the coordinate and weights dtypes."""
+    return (64, 32, 8) if cdt == torch.float64 else (128, 32, 8)
+
+
+def _bwd_cfg(cdt, wdt, kp):
+    """(BLOCK_N, BLOCK_C, num_warps) of _bwd_kernel for the coordinate and weights dtypes and KP."""
+    return (32, 32, 8) if cdt == torch.float64 else (32, 32, 4)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -677,12 +700,13 @@ def rbf_grid_build(centers: torch.Tensor) -> torch.Tensor:
     flags = 0
     lo, hi = [0.0] * dim, [0.0] * dim
     if m:
-        nprog = triton.cdiv(m, _BBOX_BLOCK)
+        bblock, bwarps = _bbox_cfg(dtype)
+        nprog = triton.cdiv(m, bblock)
         plo = torch.empty(nprog, 3, dtype=dtype, device=dev)
         phi = torch.empty(nprog, 3, dtype=dtype, device=dev)
         pbad = torch.empty(nprog, dtype=torch.int32, device=dev)
         with _device_ctx(dev):
-            _bbox_kernel[_grid1(nprog)](centers, ldc, m, dim, plo, phi, pbad, BLOCK=_BBOX_BLOCK, num_warps=4)
+            _bbox_kernel[_grid1(nprog)](centers, ldc, m, dim, plo, phi, pbad, BLOCK=bblock, num_warps=bwarps)
         if _is_meta(centers):   # aot_sweep: any box (the sizes, not the values, pick the kernels)
             lo, hi = [0.0] * dim, [1.0] * dim
         else:
@@ -733,10 +757,12 @@ def rbf_knn(x: torch.Tensor, grid: torch.Tensor, m: int, k: int) -> tuple[torch.
     if m == 0:   # no centre to gather: still launched (the kernel writes -1 / +inf, NaN for bad rows)
         order = hdr
         coords = torch.zeros(1, dtype=x.dtype, device=x.device) if not _is_meta(x) else coords
+    kp = _kp(k, 4)
+    bn, warps = _knn_cfg(x.dtype, kp)
     with _device_ctx(x.device):
-        _knn_kernel[_grid1(triton.cdiv(n, _KNN_BN))](
+        _knn_kernel[_grid1(triton.cdiv(n, bn))](
             x, _ld(x, dim), n, dim, hdr, geom, cs, order, coords, m, k, idx, dist2,
-            BLOCK_N=_KNN_BN, KP=_kp(k, 4), num_warps=_KNN_WARPS, enable_fp_fusion=False)
+            BLOCK_N=bn, KP=kp, num_warps=warps, enable_fp_fusion=False)
     return idx, dist2
 
 
@@ -755,11 +781,12 @@ def rbf_features_fwd(x, centers, shapes, weights, omegas, idx, kernel: int, norm
     out = torch.empty(n, C, dtype=weights.dtype, device=x.device)
     if n == 0 or C == 0:
         return out
-    nprog = triton.cdiv(n, _FWD_BN) * triton.cdiv(C, _FWD_BC)
+    bn, bc, warps = _fwd_cfg(x.dtype, weights.dtype)
+    nprog = triton.cdiv(n, bn) * triton.cdiv(C, bc)
     with _device_ctx(x.device):
         _fwd_kernel[_grid1(nprog)](x, ldx, n, dim, centers, shapes, weights, ldw, C, om, int(omegas is not None),
                                    idx, k, m, int(kernel), int(shapes.dim() == 3), int(normalize), out, C,
-                                   BLOCK_N=_FWD_BN, BLOCK_C=_FWD_BC, num_warps=_FWD_WARPS)
+                                   BLOCK_N=bn, BLOCK_C=bc, num_warps=warps)
     return out
 
 
@@ -776,11 +803,13 @@ def rbf_features_bwd(grad_out, x, centers, shapes, weights, omegas, idx, kernel:
     dummy = x.new_empty(1)
     ptrs = [o if o is not None else dummy for o in outs]
     ldg = _ld(grad_out, C)
+    kp = _kp(k, 8)
+    bn, bc, warps = _bwd_cfg(x.dtype, weights.dtype, kp)
     with _device_ctx(x.device):
-        _bwd_kernel[_grid1(triton.cdiv(n, _BWD_BN))](
+        _bwd_kernel[_grid1(triton.cdiv(n, bn))](
             x, ldx, n, dim, centers, shapes, weights, ldw, C, om, int(omegas is not None), idx, k, m,
             int(kernel), int(shapes.dim() == 3), int(normalize), grad_out, ldg, *ptrs, *(int(v) for v in needs),
-            BLOCK_N=_BWD_BN, BLOCK_C=_BWD_BC, KP=_kp(k, 8), num_warps=_BWD_WARPS)
+            BLOCK_N=bn, BLOCK_C=bc, KP=kp, num_warps=warps)
     return tuple(outs)
 
 

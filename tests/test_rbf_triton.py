@@ -11,7 +11,6 @@ N <= 40, M <= 30, C <= 9.
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import pathlib
 import sys
@@ -141,10 +140,12 @@ def _check_knn(x, centers, k):
 
 
 @pytest.mark.parametrize("dtype, dim, n, m, k", [(torch.float32, 2, 40, 30, 5), (torch.float64, 3, 24, 20, 4),
-                                                 (torch.float32, 3, 12, 6, 9)], ids=str)
+                                                 (torch.float32, 3, 12, 6, 9), (torch.float64, 2, 67, 18, 17)],
+                         ids=str)
 def test_rbf_knn_equals_brute_force(dtype, dim, n, m, k):
     """Bit-equal to reference.knn_reference: clustered and duplicated centres (ties go to the smaller
-    index), queries outside the box, NaN / inf query rows (-1 / NaN), and k > M (-1 / +inf padding)."""
+    index), queries outside the box, NaN / inf query rows (-1 / NaN), and k > M (-1 / +inf padding);
+    KP = 8, 16 and 32, and (the last case) more queries than one program's tile."""
     _check_knn(_queries(n, dim, dtype, seed=10 + n), _centers(m, dim, dtype, seed=m), k)
 
 
@@ -210,6 +211,23 @@ def test_rbf_features_fwd_bwd_float64_match_autograd(poison, case):
         assert a.dtype == torch.float64 and a.shape == b.shape, name
         assert rel_err(a, b) <= 1e-12, f"{name}: {rel_err(a, b):.2e}"
         assert rel_err(a, a_ok) <= 1e-14, f"{name}: the non-finite rows contributed"
+
+
+def test_rbf_features_float64_large_k_several_programs(poison):
+    """k = 17 (the backward's KP = 32 tile) with more queries than one backward program takes: out and all
+    five gradients against autograd in float64 (1e-12)."""
+    case = ("gauss", False, 2, 3, True)
+    n = kr._bwd_cfg(torch.float64, torch.float64, 32)[0] + 5
+    x, c, s, w, om, idx = _problem(case, torch.float64, torch.float64, seed=60, n=n, m=18, C=3, k=17)
+    ok = torch.isfinite(x).all(1)
+    x, idx = x[ok], idx[ok]
+    out = kr.rbf_features_fwd(x, c, s, w, om, idx, KERNELS["gauss"], 2)
+    assert rel_err(out, R.features_reference(x, c, s, w, om, idx, "gauss", 2)) <= 1e-12
+    g = torch.randn(out.shape, generator=_gen(61), dtype=torch.float64).to(DEVICE)
+    got = kr.rbf_features_bwd(g, x, c, s, w, om, idx, KERNELS["gauss"], 2, (True,) * 5)
+    want = R.features_backward_reference(g, x, c, s, w, om, idx, "gauss", 2)
+    for name, a, b in zip(("dx", "dcenters", "dshapes", "dweights", "domegas"), got, want):
+        assert rel_err(a, b) <= 1e-12, f"{name}: {rel_err(a, b):.2e}"
 
 
 @pytest.mark.parametrize("wdt", [torch.float32, torch.float16, torch.bfloat16], ids=str)

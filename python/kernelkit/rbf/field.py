@@ -264,6 +264,7 @@ class RBFField(nn.Module):
             self.decoder = SineMLP(nfeat, out_features, hidden, hidden_layers, freq)
         self._grid_cache = None
         self._grid_key = None
+        self._checked_key = None
 
     # -- the neighbour grid ---------------------------------------------------------------------------------
     def _key(self):
@@ -308,8 +309,16 @@ class RBFField(nn.Module):
         grid = None
         if idx is None and not self.trainable_geometry:
             grid = self.neighbor_grid()
-        return ops.rbf_features(x, self.centers, self.shapes, self.weights, self.omegas, self.k, self.kernel,
-                                True, idx=idx, grid=grid, backend=self.backend)
+        # frozen geometry: the value checks (a Cholesky of every shape) run once per change of centres / shapes
+        key = (self._key(), self.shapes, self.shapes._version, self.shapes.data_ptr())
+        old = self._checked_key
+        fresh = (self.trainable_geometry or old is None or old[0][0] is not key[0][0] or old[0][1:] != key[0][1:]
+                 or old[1] is not key[1] or old[2:] != key[2:])
+        out = ops.rbf_features(x, self.centers, self.shapes, self.weights, self.omegas, self.k, self.kernel,
+                               True, idx=idx, grid=grid, check_values=fresh or idx is not None, backend=self.backend)
+        if fresh and not self.trainable_geometry:
+            self._checked_key = key
+        return out
 
     def features(self, x: Tensor, idx: Optional[Tensor] = None) -> Tensor:
         """The decoder's input: [rbf features, grid features] + bias, (N, C + L*F)."""

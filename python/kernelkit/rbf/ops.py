@@ -329,8 +329,13 @@ def _check_k(k, fn: str) -> int:
     return k
 
 
+_SKIP_VALUES = [False]
+
+
 def _values_checked() -> bool:
-    return not torch.compiler.is_compiling()
+    """Value checks read the data (a device sync on CUDA); skipped under torch.compile and for
+    ``check_values=False``."""
+    return not torch.compiler.is_compiling() and not _SKIP_VALUES[-1]
 
 
 def check_centers(centers: Tensor, fn: str) -> None:
@@ -430,7 +435,7 @@ def _normalize_mode(normalize, detach_denominator, fn: str) -> int:
 
 def rbf_features(x: Tensor, centers: Tensor, shapes: Tensor, weights: Tensor, omegas: Tensor | None = None,
                  k: int = 8, kernel: str = "ivq", normalize: bool = True, *, idx: Tensor | None = None,
-                 grid: Tensor | None = None, detach_denominator: bool = True,
+                 grid: Tensor | None = None, detach_denominator: bool = True, check_values: bool = True,
                  backend: str | None = None) -> Tensor:
     """NeuRBF's adaptive RBF features, fused: out[n, j] = sum over the k nearest RBFs i of
     weights[i, j] * sin(omegas[j] * phih_i(x_n)) (or weights[i, j] * phih_i without omegas), with
@@ -442,8 +447,23 @@ def rbf_features(x: Tensor, centers: Tensor, shapes: Tensor, weights: Tensor, om
     "nlin" the scales (M, D)), weights (M, C), omegas (C,).  ``idx`` (N, k) int64 gives precomputed
     neighbours (else they are searched, through ``grid`` when given).  Differentiable w.r.t. x,
     centers, shapes, weights and omegas.  Returns (N, C) in the weights' dtype.
+
+    ``check_values=False`` skips the checks that read the data (finite centres and omegas, symmetric
+    positive definite shapes, idx in range: a Cholesky of every shape and, on a GPU, a sync) for callers
+    that validated them already (RBFField with frozen geometry checks once); layouts and dtypes are
+    always checked, and the CPU library still checks the shapes and idx itself.
     """
     fn = "kernelkit.rbf.rbf_features"
+    _SKIP_VALUES.append(not check_values)
+    try:
+        return _rbf_features(fn, x, centers, shapes, weights, omegas, k, kernel, normalize, idx, grid,
+                             detach_denominator, backend)
+    finally:
+        _SKIP_VALUES.pop()
+
+
+def _rbf_features(fn, x, centers, shapes, weights, omegas, k, kernel, normalize, idx, grid, detach_denominator,
+                  backend):
     centers = _points(centers, "centers", fn)
     m, dim = centers.shape
     x = _points(x, "x", fn, dim=dim)
