@@ -19,8 +19,14 @@
 //               domegas from per-block partials (blocks of 256 queries, reduced in block order in
 //               double); then a counting sort of the chunk's (query, slot) entries by RBF (CSR) and pass
 //               2 over RBFs gathering g[n, :] sin(omega phih) into dweights[i, :] and the stored per-slot
-//               factors into dcenters / dshapes.  Every gradient row has one writer and a fixed order:
-//               the result does not depend on the thread count or the scheduling.
+//               factors into dcenters / dshapes.  Every gradient row has one writer and a fixed order.
+//               dweights itself, whenever (threads - 1) * M * C fits in kPrivBytes and threads * M <= N * k,
+//               comes from dweights_private_t instead (per-thread accumulators over a static partition of
+//               the queries, reduced in thread order: deterministic for a given thread count, the same bits
+//               whether or not other gradients are asked); pass 1's cosines run only when dx, dcenters,
+//               dshapes or domegas is asked (NeuRBF's training asks dweights alone: one forward's sines).
+//               Forward and backward prefetch the gathered rows (weights / accumulators, centres, shapes)
+//               kPf queries ahead.
 //
 // Sine (float32): t = omega * phih (float32, as the header says), n = rint(t 2/pi), r = t - n pi/2 by
 // Cody-Waite with pi/2 split in 3 float parts, each step one FMA (the first one exact); the base ISA
@@ -672,6 +678,36 @@ void fwd_row_d(int64_t C, const double* om, int nv, const double* ph, const doub
   }
 }
 
+// The feature rows (M x C, random order: at M = 1e4..1e5 they live in L3, not L2) of the query kPf ahead are
+// prefetched; without it the gathers' latency, not the sines, bounds the forward and the backward.
+constexpr int64_t kPf = 8;
+inline void prefetch_rows(const int64_t* ir, int k, const void* base, int64_t row_bytes, int64_t bytes, bool write) {
+  const int64_t nb = bytes < 1024 ? bytes : 1024;
+  for (int s = 0; s < k; ++s) {
+    if (ir[s] < 0) continue;
+    const char* r = static_cast<const char*>(base) + ir[s] * row_bytes;
+    for (int64_t b = 0; b < nb; b += 64) {
+      if (write)
+        __builtin_prefetch(r + b, 1, 3);
+      else
+        __builtin_prefetch(r + b, 0, 3);
+    }
+  }
+}
+// The centre and shape rows of a query's neighbours (query_phi's gathers; also random at large M).
+template <typename T>
+inline void prefetch_geom(const RbfArgs& a, const int64_t* ir) {
+  const int sw = a.shape_full ? a.dim * a.dim : a.dim;
+  const T* C = static_cast<const T*>(a.centers);
+  const T* S = static_cast<const T*>(a.shapes);
+  for (int s = 0; s < a.k; ++s) {
+    if (ir[s] < 0) continue;
+    __builtin_prefetch(C + ir[s] * a.dim, 0, 3);
+    __builtin_prefetch(S + ir[s] * sw, 0, 3);
+    if (sw * sizeof(T) > 8) __builtin_prefetch(S + ir[s] * sw + sw - 1, 0, 3);
+  }
+}
+
 // ---- forward ---------------------------------------------------------------------------------------
 template <typename T>
 struct FeatCtx {
@@ -726,6 +762,11 @@ void features_fwd_t(const RbfArgs& a, void* out, int64_t ldo, int nt) {
     const T* wr[32];
 #pragma omp for schedule(dynamic, 64)
     for (int64_t nq = 0; nq < a.n; ++nq) {
+      if (nq + kPf < a.n) {
+        prefetch_rows(a.idx + (nq + kPf) * a.k, a.k, cx.wts, cx.ldw * (int64_t)sizeof(T), C * (int64_t)sizeof(T),
+                      false);
+        prefetch_geom<T>(a, a.idx + (nq + kPf) * a.k);
+      }
       char* orow_dst = static_cast<char*>(out) + nq * ldo * es;
       if (!query_phi<T>(a, nq, phi, phih, &den)) {
         for (int64_t j = 0; j < C; ++j) orow[j] = std::numeric_limits<T>::quiet_NaN();
@@ -751,6 +792,85 @@ void features_fwd_t(const RbfArgs& a, void* out, int64_t ldo, int nt) {
 }
 
 // ---- backward --------------------------------------------------------------------------------------
+// dweights alone (NeuRBF trains only the features): no cosines, no dL/dphi.  Each thread walks a fixed,
+// contiguous range of queries (static partition) and scatter-adds g[n, :] * sin(omega phih) into its own
+// M x C accumulator (thread 0 into dweights itself), then the rows are reduced in thread order: the same
+// sines as the forward and no transpose.  Deterministic for a given thread count; the extra memory is
+// (threads - 1) * M * C * sizeof(T) bytes, so the caller takes this path only while that stays within
+// kPrivBytes and the reduction (threads * M * C adds) is small next to the N * k * C sines.
+constexpr int64_t kPrivBytes = int64_t(512) << 20;
+
+template <typename T>
+void dweights_private_t(const RbfArgs& a, const ChanF& ch, const void* grad_out, int64_t ldg,
+                        T* dweights, int nt) {
+  const int64_t C = a.channels, M = a.m, MC = a.m * a.channels;
+  const int k = a.k;
+  const T* om = static_cast<const T*>(a.omegas);
+  const bool conv_g = a.wdtype != a.dtype;
+  const int64_t es = wsize(a.wdtype);
+  std::vector<T> priv((size_t)((nt - 1) * MC));
+#pragma omp parallel num_threads(nt)
+  {
+    const int t = omp_get_thread_num(), tn = omp_get_num_threads();
+    T* acc = t == 0 ? dweights : priv.data() + (t - 1) * MC;  // dweights is zeroed by the caller
+    if (t > 0) std::memset(acc, 0, sizeof(T) * MC);
+    std::vector<float> grow(conv_g ? (size_t)C : 0);
+    T phi[32], phih[32], den;
+    const int64_t q0 = a.n * t / tn, q1 = a.n * (t + 1) / tn;
+    for (int64_t nq = q0; nq < q1; ++nq) {
+      if (nq + kPf < q1) {
+        prefetch_rows(a.idx + (nq + kPf) * k, k, acc, C * (int64_t)sizeof(T), C * (int64_t)sizeof(T), true);
+        prefetch_geom<T>(a, a.idx + (nq + kPf) * k);
+      }
+      if (!query_phi<T>(a, nq, phi, phih, &den)) continue;  // NaN output: contributes nothing
+      const T* g;
+      if (conv_g) {
+        row_to_f32(a.wdtype, static_cast<const char*>(grad_out) + nq * ldg * es, C, grow.data());
+        g = reinterpret_cast<const T*>(grow.data());
+      } else {
+        g = reinterpret_cast<const T*>(static_cast<const char*>(grad_out) + nq * ldg * es);
+      }
+      const int64_t* ir = a.idx + nq * k;
+      for (int s = 0; s < k; ++s) {
+        if (ir[s] < 0) continue;
+        T* dw = acc + ir[s] * C;
+        const T ph = phih[s];
+        if constexpr (sizeof(T) == 4) {
+          const float* gf = reinterpret_cast<const float*>(g);
+          float* dwf = reinterpret_cast<float*>(dw);
+          const vf pv = vsplat(ph);
+          int64_t c0 = 0;
+          for (; c0 + VL <= C; c0 += VL) {
+            const vf v = ch.om ? (ch.exact ? vsin_exact(vload(ch.om + c0) * pv) : vsin(vload(ch.om + c0) * pv)) : pv;
+            vstore(dwf + c0, vfma(vload(gf + c0), v, vload(dwf + c0)));
+          }
+          if (c0 < C) {
+            const vf v = ch.om ? (ch.exact ? vsin_exact(vload(ch.om + c0) * pv) : vsin(vload(ch.om + c0) * pv)) : pv;
+            const vf r = vfma(wload(gf, c0, C), v, wload(dwf, c0, C));
+            for (int64_t j = c0; j < C; ++j) dwf[j] = r[j - c0];
+          }
+        } else {
+          if (om)
+            for (int64_t j = 0; j < C; ++j) dw[j] += g[j] * std::sin(om[j] * ph);
+          else
+            for (int64_t j = 0; j < C; ++j) dw[j] += g[j] * ph;
+        }
+      }
+    }
+#pragma omp barrier
+    if (tn > 1) {
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < M; ++i) {
+        T* dst = dweights + i * C;
+        for (int u = 1; u < tn; ++u) {
+          const T* src = priv.data() + (u - 1) * MC + i * C;
+          for (int64_t j = 0; j < C; ++j) dst[j] += src[j];
+        }
+      }
+    }
+  }
+}
+
 template <typename T>
 void features_bwd_t(const RbfArgs& a, const void* grad_out, int64_t ldg, T* dx, T* dcenters, T* dshapes,
                     T* dweights, T* domegas, int nt) {
@@ -765,9 +885,19 @@ void features_bwd_t(const RbfArgs& a, const void* grad_out, int64_t ldg, T* dx, 
   if (dweights) std::memset(dweights, 0, sizeof(T) * M * C);
   if (domegas) std::memset(domegas, 0, sizeof(T) * C);
   if (a.n == 0 || C == 0) return;  // out is empty (or 0): every gradient is 0
+  if (!dx && !dcenters && !dshapes && !dweights && !domegas) return;
   FeatCtx<T> cx;
   prepare<T>(a, cx, nt);
   ChanF ch{C, C / VL, cx.ompad.empty() ? nullptr : cx.ompad.data(), cx.exact};
+  // dweights through per-thread accumulators whenever they fit, whatever else is asked (so dweights has the
+  // same bits alone or with the other gradients); else it comes from the CSR pass below.
+  if (dweights && ((int64_t)nt - 1) * M * C <= kPrivBytes / (int64_t)sizeof(T) && (int64_t)nt * M <= a.n * k) {
+    dweights_private_t<T>(a, ch, grad_out, ldg, dweights, nt);
+    dweights = nullptr;
+    if (!dx && !dcenters && !dshapes && !domegas) return;
+  }
+  // dL/dphih (the cosines) only when a gradient other than dweights needs it
+  const bool need_a = dx || dcenters || dshapes || domegas;
   const T* X = static_cast<const T*>(a.x);
   const T* Cn = static_cast<const T*>(a.centers);
   const T* Sh = static_cast<const T*>(a.shapes);
@@ -824,6 +954,14 @@ void features_bwd_t(const RbfArgs& a, const void* grad_out, int64_t ldg, T* dx, 
               for (int d = 0; d < dim; ++d) dx[nq * dim + d] = std::numeric_limits<T>::quiet_NaN();
             if (need_rbf)
               for (int s = 0; s < k; ++s) phr[s] = sdr[s] = 0;
+            continue;
+          }
+          if (!need_a) {  // dweights alone: pass 2 needs only phih
+            if (need_rbf)
+              for (int s = 0; s < k; ++s) {
+                phr[s] = ir[s] >= 0 ? phih[s] : T(0);
+                sdr[s] = 0;
+              }
             continue;
           }
           int nv = 0;

@@ -9,7 +9,7 @@ from . import ops, reference
 from .field import DenseGrid, GridConfig, RBFField, SineMLP
 from .init import InitResult, init_from_samples, shapes_from_clusters, weighted_kmeans
 from .ops import build_grid, knn, rbf_features
-from .reference import log_omegas
+from .reference import log_omegas, spatial_order
 
-__all__ = ["ops", "reference", "build_grid", "knn", "rbf_features", "log_omegas", "RBFField", "GridConfig",
+__all__ = ["ops", "reference", "build_grid", "knn", "rbf_features", "log_omegas", "spatial_order", "RBFField", "GridConfig",
            "DenseGrid", "SineMLP", "init_from_samples", "weighted_kmeans", "shapes_from_clusters", "InitResult"]

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from . import ops
+from .reference import spatial_order
 
 _KERNELS = ("ivq", "gauss", "nlin")
 _SHAPES = ("full", "diag")
@@ -217,4 +218,6 @@ def init_from_samples(points: Tensor, num_rbfs: int, weights: Optional[Tensor] =
                                                generator=generator, backend=backend)
     shapes = shapes_from_clusters(points, centers, idx, weights, kernel=kernel, shape=shape, alpha=alpha,
                                   floor=floor)
-    return InitResult(centers, shapes, history, torch.bincount(idx, minlength=centers.shape[0]))
+    counts = torch.bincount(idx, minlength=centers.shape[0])
+    perm = spatial_order(centers)   # nearby RBFs get nearby indices: the kernels' weight gathers stay local
+    return InitResult(centers[perm].contiguous(), shapes[perm].contiguous(), history, counts[perm])

@@ -282,6 +282,26 @@ def features_backward_reference(grad_out: Tensor, x: Tensor, centers: Tensor, sh
     return dx, dc, ds, dw, do
 
 
+def spatial_order(centers: Tensor, bits: int | None = None) -> Tensor:
+    """A permutation (int64, M) that puts ``centers`` (M, 2 or 3) in Morton (Z-curve) order over their
+    bounding box, so that RBFs close in space get close indices: the feature rows the k neighbours of a
+    query read are then near each other in memory (the fused kernels gather them at random otherwise,
+    which costs 2-3x at M = 1e5 on a CPU).  Reordering RBFs (centres, shapes and weights alike) changes
+    nothing else."""
+    m, dim = centers.shape
+    if m == 0:
+        return torch.zeros(0, dtype=torch.int64, device=centers.device)
+    bits = bits or (16 if dim == 2 else 10)
+    c = centers.detach().double()
+    lo, hi = c.min(0).values, c.max(0).values
+    q = ((c - lo) / (hi - lo).clamp_min(1e-300) * ((1 << bits) - 1)).round().long().clamp(0, (1 << bits) - 1)
+    code = torch.zeros(m, dtype=torch.int64, device=centers.device)
+    for b in range(bits):
+        for d in range(dim):
+            code |= ((q[:, d] >> b) & 1) << (b * dim + d)
+    return torch.argsort(code, stable=True)
+
+
 def log_omegas(channels: int, lo: float = 2.0 ** -3, hi: float = 2.0 ** 12, dtype=torch.float32) -> Tensor:
     """NeuRBF's frequencies: 2 ** linspace(log2 lo, log2 hi, channels) ([2^-3, 2^12] for images)."""
     return torch.pow(2.0, torch.linspace(math.log2(lo), math.log2(hi), channels, dtype=torch.float64)).to(dtype)
