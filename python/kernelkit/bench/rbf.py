@@ -44,6 +44,7 @@ from kernelkit.rbf import build_grid, knn, rbf_features
 from kernelkit.rbf import reference as R
 
 from . import _timing
+from .mfac import _goal  # the goal lines' format
 from .monarch import environment  # same machine description
 from .sparse import floors  # a dense fp32 GEMM and a 256 MB copy
 
@@ -251,15 +252,6 @@ def run(device: str, *, quick: bool = False, batch: int | None = None, repeats: 
             torch.cuda.empty_cache()
         print(f"    ({case.op} {case.label}: {time.perf_counter() - t0:.1f} s)", file=sys.stderr, flush=True)
     return rows
-
-
-def _goal(rows: list[dict], title: str, key: str, goal: float) -> list[str]:
-    if not rows:
-        return [title, "    not measured"]
-    ok = [r[key] >= goal for r in rows]
-    lines = [f"    {r['op']:<8} {r['shape']:<20} {r['provider']:<18} {r[key]:7.2f}  "
-             f"{'MET' if r[key] >= goal else 'NOT MET'}" for r in rows]
-    return [title] + lines + [f"  => {'MET' if all(ok) else 'NOT MET'} ({sum(ok)}/{len(ok)})"]
 
 
 def goal_report(rows: list[dict], device: str) -> list[str]:

@@ -26,6 +26,7 @@ from typing import Callable, Iterable
 import torch
 from torch import Tensor, nn
 
+from .. import _progress
 from .ihvp import StaticIHVP
 
 __all__ = ["OBSPruner", "to_sparse", "magnitude_masks", "default_param_names"]
@@ -108,14 +109,6 @@ def to_sparse(model: nn.Module, masks: dict[str, Tensor]) -> nn.Module:
         else:
             raise ValueError("kernelkit.mfac.to_sparse: the model itself is an nn.Linear; wrap it in a module")
     return model
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def close(self):
-        pass
 
 
 class OBSPruner:
@@ -225,10 +218,9 @@ class OBSPruner:
         mask = self._flat_mask().to(torch.float32)
         G = torch.empty(m, self.d, dtype=torch.float32, device=mask.device)
         if self.progress:
-            from tqdm.auto import tqdm  # imported lazily: only when a bar is wanted
-            bar = tqdm(total=m, desc="OBS gradients", leave=False)
+            bar = _progress.bar(True, total=m, desc="OBS gradients", leave=False)
         else:
-            bar = _NoBar()
+            bar = _progress.NoBar()
         try:
             for i in range(m):
                 with torch.enable_grad():

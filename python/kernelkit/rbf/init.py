@@ -32,29 +32,10 @@ from torch import Tensor
 
 from . import ops
 from .reference import spatial_order
+from .._progress import bar as _bar
 
 _KERNELS = ("ivq", "gauss", "nlin")
 _SHAPES = ("full", "diag")
-
-
-def _tqdm(**kw):
-    from tqdm.auto import tqdm  # imported lazily: only when a bar is wanted
-    return tqdm(**kw)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, *a, **k):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(enabled: bool, **kw):
-    return _tqdm(**kw) if enabled else _NoBar()
 
 
 @dataclass

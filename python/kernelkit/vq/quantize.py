@@ -23,26 +23,7 @@ from .. import _checks
 from .format import bits_for, code_dtype, to_code_dtype
 from .ops import assign
 from .reference import dequantize_reference
-
-
-def _tqdm(**kw):
-    from tqdm.auto import tqdm  # imported lazily: only when a bar is wanted
-    return tqdm(**kw)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix(self, *a, **k):
-        pass
-
-    def close(self):
-        pass
-
-
-def _bar(enabled: bool, **kw):
-    return _tqdm(**kw) if enabled else _NoBar()
+from .._progress import bar as _bar
 
 
 def _int(v, name: str, fn: str, lo: int = 0) -> int:
