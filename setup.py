@@ -68,6 +68,7 @@ class BuildKernelkit(build_ext):
         tmp = Path(self.build_temp) / "kernelkit"
         tmp.mkdir(parents=True, exist_ok=True)
         self._copy_headers(out_pkg)
+        self._write_packages(out_pkg)
         self._build_cpu(lib_dir, tmp)
         self._build_cuda(lib_dir, tmp)
         for ext in self.extensions:  # the pybind11 module links libkernelkit from ../lib
@@ -79,6 +80,19 @@ class BuildKernelkit(build_ext):
         dst.mkdir(parents=True, exist_ok=True)
         for h in (CSRC / "include" / "kernelkit").glob("*.h"):
             shutil.copy2(h, dst / h.name)
+
+    def _write_packages(self, out_pkg):
+        """The CMake package (share/cmake/kernelkit) and the pkg-config file (lib/pkgconfig), both
+        relocatable (paths relative to their own folder), from the templates in csrc/cmake."""
+        subst = {"@VERSION@": VERSION, "@VERSION_MAJOR@": VERSION.split(".")[0]}
+        for name, dst in (("kernelkitConfig.cmake", out_pkg / "share" / "cmake" / "kernelkit"),
+                          ("kernelkitConfigVersion.cmake", out_pkg / "share" / "cmake" / "kernelkit"),
+                          ("kernelkit.pc", out_pkg / "lib" / "pkgconfig")):
+            text = (CSRC / "cmake" / f"{name}.in").read_text()
+            for k, v in subst.items():
+                text = text.replace(k, v)
+            dst.mkdir(parents=True, exist_ok=True)
+            (dst / name).write_text(text)
 
     def _jobs(self):
         return int(os.environ.get("KERNELKIT_JOBS", os.cpu_count() or 1))
@@ -147,5 +161,6 @@ setup(
     package_dir={"": "python", "kernelkit.kernels": "kernels"},
     ext_modules=[ext],
     cmdclass={"build_ext": BuildKernelkit},
-    package_data={"kernelkit": ["lib/*.so", "include/kernelkit/*.h"]},
+    package_data={"kernelkit": ["lib/*.so", "include/kernelkit/*.h", "share/cmake/kernelkit/*.cmake",
+                                "lib/pkgconfig/*.pc", "examples/cpp/*.cpp", "examples/cpp/CMakeLists.txt"]},
 )

@@ -6,11 +6,11 @@ Sinkhorn-Newton-Sparse, POT-compatible).  Backends: torch (reference),
 cpu (C++/OpenMP), triton, cuda (C++); see :func:`backends` and :func:`backend`.
 """
 from ._backend import (BackendUnavailableError, KernelkitFallbackWarning, backend, backends)
-from ._lib import get_include, get_library
+from ._lib import get_cmake_dir, get_include, get_library
 
 __version__ = "0.1.0"
 
 from . import monarch, nn, ot, sparse, vq  # noqa: E402  (after the helpers they use)
 
 __all__ = ["backend", "backends", "BackendUnavailableError", "KernelkitFallbackWarning",
-           "get_include", "get_library", "monarch", "nn", "ot", "sparse", "vq", "__version__"]
+           "get_cmake_dir", "get_include", "get_library", "monarch", "nn", "ot", "sparse", "vq", "__version__"]

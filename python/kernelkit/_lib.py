@@ -22,6 +22,17 @@ def get_include() -> str:
     return str(src)
 
 
+def get_cmake_dir() -> str:
+    """Folder of kernelkit's CMake package: ``cmake -Dkernelkit_DIR=<this>`` then
+    ``find_package(kernelkit CONFIG)`` gives the imported targets ``kernelkit::cpu`` and, where the CUDA
+    library was built, ``kernelkit::cuda``.  A pkg-config file lies in ``<package>/lib/pkgconfig``.
+    Raises FileNotFoundError when kernelkit was not installed (a source checkout has no package)."""
+    path = _PKG / "share" / "cmake" / "kernelkit"
+    if not (path / "kernelkitConfig.cmake").exists():
+        raise FileNotFoundError(f"kernelkit: no CMake package at {path} (pip install kernelkit builds it)")
+    return str(path)
+
+
 def get_library(name: str = "cpu") -> str:
     """Path of ``libkernelkit.so`` (``name="cpu"``) or ``libkernelkit_cuda.so`` (``name="cuda"``).
 
