@@ -10,35 +10,16 @@ combine's partial sums run too.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import pathlib
 import sys
 
 import pytest
 import torch
 
-_CUDA = torch.cuda.is_available()
-if not _CUDA and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-if not _CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA GPU and the Triton interpreter is not enabled", allow_module_level=True)
-
-pytest.importorskip("triton")
-
-_REPO = pathlib.Path(__file__).resolve().parents[1]
-try:
-    from kernelkit.kernels import mfac as km
-except ImportError:
-    sys.path.insert(0, str(_REPO))
-    from kernels import mfac as km
-try:
-    from kernelkit.mfac import reference as R
-except ImportError:   # an installed kernelkit without the mfac family: the checkout's reference (torch only)
-    _spec = importlib.util.spec_from_file_location("_mfac_reference", _REPO / "python/kernelkit/mfac/reference.py")
-    R = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(R)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from triton_family import CUDA as _CUDA, load  # noqa: E402
+
+km, R = load("mfac")
 from helpers import rel_err  # noqa: E402
 
 DEVICE = "cuda" if _CUDA else "cpu"

@@ -10,35 +10,16 @@ of several blocks and the tie counting across tiles run too.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import pathlib
 import sys
 
 import pytest
 import torch
 
-_CUDA = torch.cuda.is_available()
-if not _CUDA and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-if not _CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA GPU and the Triton interpreter is not enabled", allow_module_level=True)
-
-pytest.importorskip("triton")
-
-_REPO = pathlib.Path(__file__).resolve().parents[1]
-try:
-    from kernelkit.kernels import ot as ko
-except ImportError:
-    sys.path.insert(0, str(_REPO))
-    from kernels import ot as ko
-try:
-    from kernelkit.ot import reference as ref
-except ImportError:   # an installed kernelkit without the ot family: the checkout's reference (torch only)
-    _spec = importlib.util.spec_from_file_location("_ot_reference", _REPO / "python/kernelkit/ot/reference.py")
-    ref = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(ref)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from triton_family import CUDA as _CUDA, load  # noqa: E402
+
+ko, ref = load("ot")
 from helpers import TOL, rel_err  # noqa: E402
 
 DEVICE = "cuda" if _CUDA else "cpu"

@@ -10,35 +10,16 @@ N <= 40, M <= 30, C <= 9.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import pathlib
 import sys
 
 import pytest
 import torch
 
-_CUDA = torch.cuda.is_available()
-if not _CUDA and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-if not _CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA GPU and the Triton interpreter is not enabled", allow_module_level=True)
-
-pytest.importorskip("triton")
-
-_REPO = pathlib.Path(__file__).resolve().parents[1]
-try:
-    from kernelkit.kernels import rbf as kr
-except ImportError:
-    sys.path.insert(0, str(_REPO))
-    from kernels import rbf as kr
-try:
-    from kernelkit.rbf import reference as R
-except ImportError:   # an installed kernelkit without the rbf family: the checkout's reference (torch only)
-    _spec = importlib.util.spec_from_file_location("_rbf_reference", _REPO / "python/kernelkit/rbf/reference.py")
-    R = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(R)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from triton_family import CUDA as _CUDA, load  # noqa: E402
+
+kr, R = load("rbf")
 from helpers import rel_err  # noqa: E402
 
 DEVICE = "cuda" if _CUDA else "cpu"

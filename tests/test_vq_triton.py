@@ -9,36 +9,17 @@ float64 on the rounded values.
 """
 from __future__ import annotations
 
-import importlib.util
 import itertools
-import os
 import pathlib
 import sys
 
 import pytest
 import torch
 
-_CUDA = torch.cuda.is_available()
-if not _CUDA and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-if not _CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("no CUDA GPU and the Triton interpreter is not enabled", allow_module_level=True)
-
-pytest.importorskip("triton")
-
-_REPO = pathlib.Path(__file__).resolve().parents[1]
-try:
-    from kernelkit.kernels import vq as kv
-except ImportError:
-    sys.path.insert(0, str(_REPO))
-    from kernels import vq as kv
-try:
-    from kernelkit.vq import reference as ref
-except ImportError:   # an installed kernelkit without the vq family: the checkout's reference (torch only)
-    _spec = importlib.util.spec_from_file_location("_vq_reference", _REPO / "python/kernelkit/vq/reference.py")
-    ref = importlib.util.module_from_spec(_spec)
-    _spec.loader.exec_module(ref)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from triton_family import CUDA as _CUDA, load  # noqa: E402
+
+kv, ref = load("vq")
 from helpers import TOL, rel_err  # noqa: E402
 
 DEVICE = "cuda" if _CUDA else "cpu"
