@@ -267,21 +267,22 @@ class RBFField(nn.Module):
         self._checked_key = None
 
     # -- the neighbour grid ---------------------------------------------------------------------------------
-    def _key(self):
+    @staticmethod
+    def _key(t: Tensor) -> tuple:
         # the tensor itself is kept in the key (so its memory cannot be reused by another one), with its
         # version counter (bumped by in-place writes: copy_, load_state_dict, optimizer steps) and its
         # storage, dtype and device (changed by .to() / .double(), which may swap a Parameter's .data)
-        c = self.centers
-        return (c, c._version, c.data_ptr(), c.device, c.dtype, tuple(c.shape))
+        return (t, t._version, t.data_ptr(), t.device, t.dtype, tuple(t.shape))
 
-    def _same_key(self, key) -> bool:
-        old = self._grid_key
-        return old is not None and old[0] is key[0] and old[1:] == key[1:]
+    @staticmethod
+    def _same(old, key) -> bool:
+        """Whether ``key`` (a tuple of _key()s) names the same tensors in the same state as ``old``."""
+        return old is not None and all(o[0] is k[0] and o[1:] == k[1:] for o, k in zip(old, key))
 
     def neighbor_grid(self) -> Tensor:
         """The neighbour grid over the current centres (cached while they do not change)."""
-        key = self._key()
-        if self._grid_cache is None or not self._same_key(key):
+        key = (self._key(self.centers),)
+        if self._grid_cache is None or not self._same(self._grid_key, key):
             with torch.no_grad():
                 self._grid_cache = ops.build_grid(self.centers.detach(), backend=self.backend)
             self._grid_key = key
@@ -310,10 +311,8 @@ class RBFField(nn.Module):
         if idx is None and not self.trainable_geometry:
             grid = self.neighbor_grid()
         # frozen geometry: the value checks (a Cholesky of every shape) run once per change of centres / shapes
-        key = (self._key(), self.shapes, self.shapes._version, self.shapes.data_ptr())
-        old = self._checked_key
-        fresh = (self.trainable_geometry or old is None or old[0][0] is not key[0][0] or old[0][1:] != key[0][1:]
-                 or old[1] is not key[1] or old[2:] != key[2:])
+        key = (self._key(self.centers), self._key(self.shapes))
+        fresh = self.trainable_geometry or not self._same(self._checked_key, key)
         out = ops.rbf_features(x, self.centers, self.shapes, self.weights, self.omegas, self.k, self.kernel,
                                True, idx=idx, grid=grid, check_values=fresh or idx is not None, backend=self.backend)
         if fresh and not self.trainable_geometry:
