@@ -28,7 +28,7 @@ import torch
 import kernelkit
 from kernelkit.rbf import build_grid, knn, ops, rbf_features
 from kernelkit.rbf import reference as R
-from helpers import TOL, rel_err
+from helpers import rel_err
 
 CPU_BACKENDS = ["torch", "cpu"]
 

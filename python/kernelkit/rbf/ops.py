@@ -22,7 +22,7 @@ arguments, naming the one at fault, and pick the backend.
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -51,10 +51,6 @@ def _triton():
 
 def _nt(work: int) -> int:
     return 1 if work < SERIAL_WORK else torch.get_num_threads()
-
-
-def _empty(like: Tensor, dtype=None) -> Tensor:
-    return like.new_empty(0, dtype=dtype or like.dtype)
 
 
 def _unknown(op: str, backend: str):
