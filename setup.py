@@ -8,6 +8,11 @@
                                       KERNELKIT_CUDA_ARCHS="80;90" (default) compute capabilities.
   kernelkit/_C                        pybind11 module over libkernelkit (loads the CUDA one lazily).
   kernelkit/include/kernelkit/*.h     the public header, for kernelkit.get_include().
+  kernelkit/lib/libkernelkit_jax.so   XLA FFI handlers for kernelkit.jax over libkernelkit, and
+  kernelkit/lib/libkernelkit_jax_cuda.so  over libkernelkit_cuda (with the CUDA library); built when
+                                      jaxlib is importable at build time (it carries the FFI headers
+                                      and is a build requirement in pyproject.toml).
+                                      KERNELKIT_BUILD_JAX=auto (default) | 0 | 1 (1 fails without jaxlib).
 Other knobs: KERNELKIT_SANITIZE=1 builds the CPU library with ASan+UBSan (used by .ci/run);
 KERNELKIT_JOBS=N compiles N sources at a time.
 """
@@ -58,6 +63,25 @@ def _find_nvcc():
     return None
 
 
+def _jaxlib_include():
+    """jaxlib's include folder (the XLA FFI headers), or None: then kernelkit.jax is not built."""
+    mode = os.environ.get("KERNELKIT_BUILD_JAX", "auto").lower()
+    if mode in ("0", "no", "off", "false"):
+        print("kernelkit: KERNELKIT_BUILD_JAX=0, skipping the JAX handlers")
+        return None
+    try:
+        import jaxlib
+        inc = Path(jaxlib.__file__).resolve().parent / "include"
+    except ImportError:
+        inc = None
+    if inc is None or not (inc / "xla" / "ffi" / "api" / "ffi.h").exists():
+        if mode in ("1", "yes", "on", "true"):
+            raise RuntimeError("KERNELKIT_BUILD_JAX=1 but jaxlib (with its XLA FFI headers) is not importable")
+        print("kernelkit: jaxlib not importable at build time, kernelkit.jax is not built")
+        return None
+    return inc
+
+
 class BuildKernelkit(build_ext):
     def run(self):
         out_pkg = Path(self.build_lib) / "kernelkit"
@@ -71,6 +95,7 @@ class BuildKernelkit(build_ext):
         self._write_packages(out_pkg)
         self._build_cpu(lib_dir, tmp)
         self._build_cuda(lib_dir, tmp)
+        self._build_jax(lib_dir, tmp)
         for ext in self.extensions:  # the pybind11 module links libkernelkit from ../lib
             ext.library_dirs = [str(lib_dir)]
         super().run()
@@ -144,6 +169,31 @@ class BuildKernelkit(build_ext):
         _run([nvcc, "-shared", *gencode, *[j[-1] for j in jobs], "-Xlinker", "-Bsymbolic",
               "-cudart", "static", "-o", target])
 
+    def _build_jax(self, lib_dir, tmp):
+        """libkernelkit_jax.so (CPU handlers over libkernelkit) and, with the CUDA library,
+        libkernelkit_jax_cuda.so (CUDA handlers over libkernelkit_cuda): the same csrc/jax sources,
+        compiled twice.  Plain shared libraries (no Python headers): kernelkit.jax loads them."""
+        inc = _jaxlib_include()
+        if inc is None:
+            return
+        cxx = os.environ.get("CXX", "g++")
+        flags = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", f"-I{CSRC / 'include'}",
+                 "-isystem", str(inc), "-Wall", "-Wextra"]
+        srcs = sorted((CSRC / "jax").glob("*.cpp"))
+        variants = [("kernelkit_jax", "0", "kernelkit")]
+        if (lib_dir / "libkernelkit_cuda.so").exists():
+            variants.append(("kernelkit_jax_cuda", "1", "kernelkit_cuda"))
+        jobs, links = [], []
+        for name, cuda, dep in variants:
+            objs = [tmp / f"jax.{s.stem}.{name}.o" for s in srcs]
+            jobs += [[cxx, *flags, f"-DKK_JAX_CUDA={cuda}", "-c", s, "-o", o] for s, o in zip(srcs, objs)]
+            links.append([cxx, "-shared", *objs, f"-L{lib_dir}", f"-l{dep}", "-Wl,-rpath,$ORIGIN",
+                          "-o", lib_dir / f"lib{name}.so"])
+        with ThreadPoolExecutor(self._jobs()) as pool:
+            list(pool.map(_run, jobs))
+        for cmd in links:
+            _run(cmd)
+
 
 ext = Pybind11Extension(
     "kernelkit._C",
@@ -154,6 +204,8 @@ ext = Pybind11Extension(
     extra_compile_args=["-O2"],
     cxx_std=17,
 )
+
+
 
 setup(
     # kernelkit from python/, and the Triton kernels from kernels/ as kernelkit.kernels
