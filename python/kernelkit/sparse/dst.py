@@ -41,6 +41,15 @@ Differences from the references, on purpose: the regrowth candidates are the pos
 *before* the update (google-research/rigl and cbsparse also admit the just-dropped ones, which then
 restart at zero), and the drop count is capped by the number of inactive positions (it only binds
 below ~23% sparsity at alpha = 0.3).
+
+Data parallel (DDP): every rank must make the same mask change, at the same time (call ``step()`` on
+every rank after each optimizer step).  With torch.distributed initialized and more than one rank,
+RigL averages its dense gradient over the ranks before choosing the regrown positions (each rank
+only saw its part of the batch: the result is the single-process choice on the global batch), and
+SET takes rank 0's random regrowth (positions and values), so the ranks need not share generator
+seeds.  The drops depend only on the weights, which DDP keeps identical.  ``process_group`` picks
+the group (default: the default group); ``process_group=False`` turns this off (ranks training
+different models).
 """
 from __future__ import annotations
 
@@ -50,6 +59,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from .layers import SparseLinear
@@ -151,8 +161,14 @@ class _DynamicSparsity:
 
     _where = "DynamicSparsity"
 
-    def __init__(self, model_or_layers, optimizer, delta_t, t_end, total_steps):
+    def __init__(self, model_or_layers, optimizer, delta_t, t_end, total_steps, process_group=None):
         where = self._where
+        if process_group is not None and process_group is not False and not (
+                dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+            raise TypeError(f"{where}: process_group must be a torch.distributed ProcessGroup, None (the default "
+                            f"group when torch.distributed is initialized) or False (no synchronization), got "
+                            f"{type(process_group).__name__}")
+        self.process_group = process_group
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{where}: optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.layers = _layers(model_or_layers, where)
@@ -180,6 +196,13 @@ class _DynamicSparsity:
 
     def drop_fraction(self, t: int) -> float:
         raise NotImplementedError
+
+    def _group(self):
+        """The process group whose ranks must make the same mask changes, or None (one process)."""
+        if self.process_group is False or not (dist.is_available() and dist.is_initialized()):
+            return None
+        group = dist.group.WORLD if self.process_group is None else self.process_group
+        return group if dist.get_world_size(group) > 1 else None
 
     def step(self) -> bool:
         """Call right after ``optimizer.step()``.  Counts the step and, on an update step, changes the
@@ -243,6 +266,8 @@ class RigL(_DynamicSparsity):
         alpha: initial drop fraction (0.3).
         t_end: the step from which the masks stay fixed; or
         total_steps: the training length, t_end = int(0.75 * total_steps) (RigL's end of updates).
+        process_group: the data-parallel ranks whose dense gradients are averaged (module docstring;
+            None: the default group when torch.distributed is initialized; False: none).
     Raises:
         TypeError / ValueError: bad arguments (naming them), layers the optimizer does not hold, a
             layer that already has a dense-gradient hook (another RigL).
@@ -251,8 +276,8 @@ class RigL(_DynamicSparsity):
     _where = "RigL"
 
     def __init__(self, model_or_layers, optimizer: torch.optim.Optimizer, *, delta_t: int = 100, alpha: float = 0.3,
-                 t_end: int | None = None, total_steps: int | None = None):
-        super().__init__(model_or_layers, optimizer, delta_t, t_end, total_steps)
+                 t_end: int | None = None, total_steps: int | None = None, process_group=None):
+        super().__init__(model_or_layers, optimizer, delta_t, t_end, total_steps, process_group)
         if self.t_end is None:
             raise ValueError("RigL: give t_end (the last update is before it) or total_steps "
                              "(t_end = 0.75 * total_steps)")
@@ -313,6 +338,10 @@ class RigL(_DynamicSparsity):
         if n <= 0:
             empty = torch.empty(0, dtype=torch.int64, device=device)
             return LayerUpdate(empty, empty.clone())
+        group = self._group()
+        if group is not None:  # each rank saw its part of the batch: the global batch's gradient
+            dist.all_reduce(grad, group=group)
+            grad /= dist.get_world_size(group)
         # drop: the n smallest |w| (stable sort: ties to the lower CSR position, i.e. row-major)
         drop_k = torch.sort(layer.values.detach().abs().double(), stable=True).indices[:n]
         # grow: the n largest |grad| among the positions inactive before this update
@@ -331,15 +360,17 @@ class SET(_DynamicSparsity):
         zeta: the fraction of the positive and of the negative weights replaced (0.3).
         t_end / total_steps: optional end of the updates, as RigL (default: never end).
         generator: a torch.Generator (on CPU) for the regrown positions and values (None: torch's
-            global generator).
+            global generator).  Under data parallelism rank 0's draws are used on every rank.
+        process_group: the data-parallel ranks that take rank 0's regrowth (module docstring; None:
+            the default group when torch.distributed is initialized; False: none).
     """
 
     _where = "SET"
 
     def __init__(self, model_or_layers, optimizer: torch.optim.Optimizer, *, delta_t: int = 100, zeta: float = 0.3,
                  t_end: int | None = None, total_steps: int | None = None,
-                 generator: torch.Generator | None = None):
-        super().__init__(model_or_layers, optimizer, delta_t, t_end, total_steps)
+                 generator: torch.Generator | None = None, process_group=None):
+        super().__init__(model_or_layers, optimizer, delta_t, t_end, total_steps, process_group)
         self.zeta = _fraction(zeta, "zeta", self._where)
         if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != "cpu"):
             raise TypeError(f"SET: generator must be a CPU torch.Generator or None, got {generator!r}")
@@ -372,8 +403,12 @@ class SET(_DynamicSparsity):
         pick = torch.randperm(inactive.numel(), generator=self.generator)[:n].to(device)
         grow_flat = inactive[pick]
         bound = 1.0 / math.sqrt(layer.in_features)  # SparseLinear's init, U(+-1/sqrt(in_features))
-        grow_values = torch.empty(n, dtype=torch.float64).uniform_(-bound, bound, generator=self.generator)
-        return self._apply(layer, drop_k, grow_flat, grow_values.to(device))
+        grow_values = torch.empty(n, dtype=torch.float64).uniform_(-bound, bound, generator=self.generator).to(device)
+        group = self._group()
+        if group is not None:  # the ranks' generators may differ: all take the group's first rank's draws
+            dist.broadcast(grow_flat, group=group, group_src=0)
+            dist.broadcast(grow_values, group=group, group_src=0)
+        return self._apply(layer, drop_k, grow_flat, grow_values)
 
     def state_dict(self) -> dict:
         state = super().state_dict()

@@ -140,8 +140,9 @@ class VQLinear(nn.Module):
                              f"{tuple(x.shape)}")
         if self.padded_in_features != self.in_features:
             x = nn.functional.pad(x, (0, self.padded_in_features - self.in_features))
-        return vq_linear(x, self.codes, self.codebooks, self.scales, self.bias,
-                         rows_per_codebook=self.rows_per_codebook, path=self.path, backend=self.backend)
+        y = vq_linear(x, self.codes, self.codebooks, self.scales, self.bias,
+                      rows_per_codebook=self.rows_per_codebook, path=self.path, backend=self.backend)
+        return _not_a_view(y)
 
     def dequantize(self) -> Tensor:
         """The dense W (out_features, in_features) in the codebooks' dtype (differentiable in the
@@ -245,10 +246,22 @@ class VQLinear(nn.Module):
     def _format_tensor(self) -> Tensor:
         return torch.tensor([self.out_features, self.groups, self.M, self.K, index_bits(self.K)], dtype=torch.int64)
 
+    # The two state_dict entries that are not parameters or buffers are attributes too, because
+    # torch.distributed.checkpoint's get/set_model_state_dict look every state_dict key up by name.
+    @property
+    def codes_packed(self) -> Tensor:
+        """The codes as the state_dict stores them: bit-packed, uint8 (kernelkit.vq.format.pack_codes)."""
+        return pack_codes(self.codes, index_bits(self.K))
+
+    @property
+    def codes_format(self) -> Tensor:
+        """int64 [out_features, G, M, K, bits]: the shape and bit width of :attr:`codes_packed`."""
+        return self._format_tensor()
+
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)  # codebooks, scales, bias
-        destination[prefix + "codes_packed"] = pack_codes(self.codes, index_bits(self.K))
-        destination[prefix + "codes_format"] = self._format_tensor()
+        destination[prefix + "codes_packed"] = self.codes_packed
+        destination[prefix + "codes_format"] = self.codes_format
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -296,6 +309,16 @@ class VQLinear(nn.Module):
         if self.padded_in_features != self.in_features:
             s += f", padded_to={self.padded_in_features}"
         return s + f", bits_per_weight={self.bits_per_weight:g}"
+
+
+def _not_a_view(y: Tensor) -> Tensor:
+    """``y`` (a reshaped kernel output) as a tensor that is not a view, without a copy, as F.linear returns
+    for batched inputs.  Under FSDP2 an in-place op on a module's output view (``ReLU(inplace=True)``)
+    drops the pre-backward hook that gathers the parameters again, and the backward then finds the
+    codebooks freed."""
+    if torch.compiler.is_compiling() or not y._is_view():
+        return y
+    return torch.ops.aten._unsafe_view(y, y.shape)
 
 
 def _check_range(vals: Tensor, K: int, fn: str, name: str) -> None:
