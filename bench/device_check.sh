@@ -134,8 +134,8 @@ S="$OUT/SUMMARY.md"
   echo
   echo "## bench"
   echo '```'
-  sed -n '/^== kernelkit bench results/,/^CSV: /p' "$OUT/bench.log" | grep -v '^###' || true
-  grep -q '^== kernelkit bench results' "$OUT/bench.log" || tail -n 40 "$OUT/bench.log"
+  sed -n '/^== [a-z]* on cuda/,/^CSV: /p' "$OUT/bench.log" | grep -v '^###' || true
+  grep -q '^== [a-z]* on cuda' "$OUT/bench.log" || tail -n 40 "$OUT/bench.log"
   echo '```'
 } > "$S"
 cat "$S"

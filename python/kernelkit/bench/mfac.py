@@ -36,6 +36,7 @@ from kernelkit.mfac import ops as kk_ops
 from kernelkit.mfac import reference as R
 
 from . import _timing
+from ._report import Goal
 from .monarch import environment  # same machine description
 from .sparse import floors  # same floors: a dense fp32 GEMM and a 256 MB copy
 
@@ -54,6 +55,10 @@ COLUMNS = ("family", "op", "shape", "dtype", "device", "provider", "median_ms", 
            "of_floor")
 PLOT_BASELINE = "vs_torch"
 EXTRA = ("d", "m", "block", "repeats", "err")
+CASE_KEYS = ("op", "d", "m", "block")
+RATIOS = {"vs_torch": TORCH, "vs_paper": PAPER}
+BASELINE_LIBS = ()
+SMOKE_SIZE = (4096, 8)   # --smoke (the CLI's tests): (d, m) for the window ops and the static setup
 
 
 @dataclass(frozen=True)
@@ -69,9 +74,14 @@ class Case:
         return f"d={self.d:.0e} m={self.m}{b}".replace("e+0", "e")
 
 
-def cases(device: str, *, quick: bool = False, batch: int | None = None) -> list[Case]:
-    """``batch`` picks one d (the CLI's --batch)."""
+def cases(device: str, *, quick: bool = False, batch: int | None = None, smoke: bool = False) -> list[Case]:
+    """``batch`` picks one d (the CLI's --batch).  quick: d = 1e5 m = 64 and d = 1e6 m = 256, the static
+    setup at d = 1e5; smoke: tiny (the CLI's tests)."""
     sizes = GPU_SIZES if device == "cuda" else CPU_SIZES
+    if smoke:
+        d, m = SMOKE_SIZE
+        d = batch or d
+        return [Case(d, m, op) for op in OPS] + [Case(d, m, "static_setup", b) for b in (None, 128)]
     if quick:
         sizes = ((100_000, 64), (1_000_000, 256))
     if batch is not None:
@@ -308,18 +318,20 @@ def measure(case: Case, device: str, provs: list[str], *, repeats: int, warmup: 
 
 def run(device: str, *, quick: bool = False, batch: int | None = None, repeats: int = 5, warmup: int = 1,
         backends: Iterable[str] | None = None, on_group: Callable[[list[dict]], None] | None = None,
-        skipped: dict | None = None) -> list[dict]:
+        skipped: dict | None = None, smoke: bool = False) -> list[dict]:
+    """Every case on ``device``; smoke: tiny cases and no floors (of_floor empty)."""
     provs, why = providers(device, backends)
     if skipped is not None:
         skipped.update(why)
-    f = floors(device, torch.float32)
-    print(f"  floors (float32): dense GEMM {f['gemm_gflops']:.1f} GFLOP/s, copy {f['copy_gbs']:.1f} GB/s "
-          "(256 MB, read + write)", file=sys.stderr, flush=True)
+    f = None if smoke else floors(device, torch.float32)
+    if f is not None:
+        print(f"  floors (float32): dense GEMM {f['gemm_gflops']:.1f} GFLOP/s, copy {f['copy_gbs']:.1f} GB/s "
+              "(256 MB, read + write)", file=sys.stderr, flush=True)
     rows: list[dict] = []
-    for case in cases(device, quick=quick, batch=batch):
+    for case in cases(device, quick=quick, batch=batch, smoke=smoke):
         t0 = time.perf_counter()
         rows += measure(case, device, provs, repeats=repeats, warmup=warmup, skipped=skipped,
-                        floor={"float32": f})
+                        floor={"float32": f} if f else None)
         if on_group is not None:
             on_group(rows)
         if device == "cuda":
@@ -337,23 +349,33 @@ def _goal(rows: list[dict], title: str, key: str, goal: float) -> list[str]:
     return [title] + lines + [f"  => {'MET' if all(ok) else 'NOT MET'} ({sum(ok)}/{len(ok)})"]
 
 
-def goal_report(rows: list[dict], device: str) -> list[str]:
-    """The issue's goals, checked on ``rows``."""
+def goals(rows: list[dict], device: str) -> list[Goal]:
+    """The issue's speed goals on ``device`` with the rows each applies to."""
     win = [r for r in rows if r["op"] in ("update", "ihvp", "update_mul")]
-    out = []
     if device == "cpu":
         k = [r for r in win if r["provider"] == "kernelkit_cpu_f32" and r["d"] == 1_000_000 and r["m"] == 256
              and r["of_floor"]]
-        out += _goal(k, "Goal 1 (CPU): float32 within 1.3x of the memory floor at d = 1e6, m = 256 (of_floor >= 0.77)",
-                     "of_floor", GOALS["cpu_of_floor"])
         b = [r for r in win if r["provider"] == "kernelkit_cpu_bf16" and r["vs_torch"]]
-        out += _goal(b, f"Goal 2 (CPU): bfloat16 buffer >= {GOALS['cpu_bf16_vs_torch']}x faster than the float32 "
-                     "torch implementation", "vs_torch", GOALS["cpu_bf16_vs_torch"])
-    else:
-        for be in ("triton", "cuda"):
-            k = [r for r in win if r["provider"] == f"kernelkit_{be}_f32" and r["of_floor"]]
-            out += _goal(k, f"Goal (GPU, {be}): within 1.5x of the memory floor (of_floor >= 0.67)", "of_floor",
-                         GOALS["gpu_of_floor"])
+        return [Goal("Goal 1 (CPU): float32 within 1.3x of the memory floor at d = 1e6, m = 256 (of_floor >= 0.77)",
+                     "of_floor", GOALS["cpu_of_floor"], k),
+                Goal(f"Goal 2 (CPU): bfloat16 buffer >= {GOALS['cpu_bf16_vs_torch']}x faster than the float32 "
+                     "torch implementation", "vs_torch", GOALS["cpu_bf16_vs_torch"], b)]
+    return [Goal(f"Goal (GPU, {be}): within 1.5x of the memory floor (of_floor >= 0.67)", "of_floor",
+                 GOALS["gpu_of_floor"], [r for r in win if r["provider"] == f"kernelkit_{be}_f32" and r["of_floor"]])
+            for be in ("triton", "cuda")]
+
+
+def goal_report(rows: list[dict], device: str) -> list[str]:
+    """The issue's goals, checked on ``rows``."""
+    out = []
+    for g in goals(rows, device):
+        out += _goal(g.rows, g.title, g.key, g.goal)
+    return out + notes(rows, device)
+
+
+def notes(rows: list[dict], device: str) -> list[str]:
+    """What the table does not show: the providers' agreement with torch_f32."""
+    out = []
     errs = [r for r in rows if r.get("err") is not None and r["provider"] != TORCH]
     if errs:
         out.append("agreement with torch_f32 on one IHVP (relative): "

@@ -24,6 +24,7 @@ from kernelkit import _backend
 from kernelkit.monarch import monarch_bmm, monarch_matmul, monarch_shapes
 
 from . import _timing
+from ._report import Goal
 
 FAMILY = "monarch"
 SHAPES = ((1024, 1024), (768, 3072), (3072, 768), (4096, 4096))   # (in_features, out_features)
@@ -35,6 +36,10 @@ DENSE, BMM = "dense_F.linear", "bmm_monarch"
 BASELINES = (DENSE, BMM)
 DEFAULT_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}    # kernelkit_torch: opt-in (slow)
 GOALS = {"cpu_vs_bmm": 1.3, "gpu_vs_bmm": 1.3, "gpu_vs_dense": 1.5}
+SMOKE_SHAPES = ((64, 64), (64, 128))                                 # --smoke (the CLI's tests): batch 8, nb 4
+CASE_KEYS = ("op", "dtype", "batch", "in_features", "out_features", "nblocks")   # the table's case columns
+RATIOS = {"vs_bmm": BMM, "vs_dense": DENSE}                         # the reference baseline: bmm, else dense
+BASELINE_LIBS = ()                                                  # both baselines are torch
 
 
 @dataclass(frozen=True)
@@ -50,9 +55,12 @@ class Case:
         return f"{self.batch}x{self.in_features}->{self.out_features} nb{self.nblocks}"
 
 
-def cases(device: str, *, quick: bool = False, batch: int | None = None) -> list[Case]:
+def cases(device: str, *, quick: bool = False, batch: int | None = None, smoke: bool = False) -> list[Case]:
     """The spec's cases: every SHAPES x NBLOCKS at ``batch`` (default 4096), plus on cuda the GPU
-    goal case 4096->4096 nb4 at batch 8192.  quick: batch 256, the first two shapes, nblocks 4."""
+    goal case 4096->4096 nb4 at batch 8192.  quick: batch 256, the first two shapes, nblocks 4.
+    smoke: tiny layers at batch 8 (the CLI's tests)."""
+    if smoke:
+        return [Case(i, o, 4, batch or 8) for i, o in SMOKE_SHAPES]
     if quick:
         b = batch or QUICK_BATCH
         return [Case(i, o, 4, b) for i, o in SHAPES[:2]]
@@ -154,13 +162,13 @@ def measure(case: Case, dtype: torch.dtype, device: str, mode: str, provs: list[
 
 def run(device: str, *, quick: bool = False, batch: int | None = None, repeats: int = 5, warmup: int = 1,
         backends: Iterable[str] | None = None, on_group: Callable[[list[dict]], None] | None = None,
-        skipped: dict | None = None) -> list[dict]:
+        skipped: dict | None = None, smoke: bool = False) -> list[dict]:
     """Every case x dtype x mode on ``device``; ``on_group(rows_so_far)`` after each group."""
     provs, why = providers(device, backends)
     if skipped is not None:
         skipped.update(why)
     rows: list[dict] = []
-    for case in cases(device, quick=quick, batch=batch):
+    for case in cases(device, quick=quick, batch=batch, smoke=smoke):
         for dtype in dtypes(device):
             for mode in MODES:
                 rows += measure(case, dtype, device, mode, provs, repeats=repeats, warmup=warmup, skipped=skipped)
@@ -203,18 +211,29 @@ def _verdict(rows: list[dict], key: str, goal: float) -> list[str]:
     return out
 
 
-def goal_report(rows: list[dict], device: str) -> list[str]:
-    """The issue's speed goals, checked on ``rows`` (each shape's ratio, then MET / NOT MET)."""
+def goals(rows: list[dict], device: str) -> list[Goal]:
+    """The issue's speed goals on ``device`` with the rows each applies to."""
     if device == "cpu":
         goal = GOALS["cpu_vs_bmm"]
         sel = [r for r in rows if r["provider"] == "kernelkit_cpu" and r["op"] == "fwd+bwd" and r["vs_bmm"]]
-        return [f"Goal (CPU): kernelkit_cpu fwd+bwd >= {goal}x vs {BMM} on every shape"] + _verdict(sel, "vs_bmm", goal)
+        return [Goal(f"Goal (CPU): kernelkit_cpu fwd+bwd >= {goal}x vs {BMM} on every shape", "vs_bmm", goal, sel)]
     tri = [r for r in rows if r["provider"] == "kernelkit_triton"]
     g1, g2 = GOALS["gpu_vs_bmm"], GOALS["gpu_vs_dense"]
-    sel1 = [r for r in tri if r["vs_bmm"]]
     goal_label = Case(*GPU_GOAL_CASE).label
-    sel2 = [r for r in tri if r["shape"] == goal_label and r["vs_dense"]]
-    return ([f"Goal 1 (GPU): kernelkit_triton >= {g1}x vs {BMM} on every shape"]
-            + _verdict(sel1, "vs_bmm", g1)
-            + [f"Goal 2 (GPU): kernelkit_triton >= {g2}x vs {DENSE} at {goal_label}"]
-            + _verdict(sel2, "vs_dense", g2))
+    return [Goal(f"Goal 1 (GPU): kernelkit_triton >= {g1}x vs {BMM} on every shape", "vs_bmm", g1,
+                 [r for r in tri if r["vs_bmm"]]),
+            Goal(f"Goal 2 (GPU): kernelkit_triton >= {g2}x vs {DENSE} at {goal_label}", "vs_dense", g2,
+                 [r for r in tri if r["shape"] == goal_label and r["vs_dense"]])]
+
+
+def goal_report(rows: list[dict], device: str) -> list[str]:
+    """The issue's speed goals, checked on ``rows`` (each shape's ratio, then MET / NOT MET)."""
+    out = []
+    for g in goals(rows, device):
+        out += [g.title] + _verdict(g.rows, g.key, g.goal)
+    return out + notes(rows, device)
+
+
+def notes(rows: list[dict], device: str) -> list[str]:
+    """What the table does not show (nothing for monarch)."""
+    return []

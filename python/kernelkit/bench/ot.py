@@ -43,6 +43,7 @@ from kernelkit.ot import Cost, solvers
 from kernelkit.ot import ops as ot_ops
 
 from . import _timing
+from ._report import Goal
 from .monarch import environment  # same machine description
 
 FAMILY = "ot"
@@ -63,6 +64,12 @@ COLUMNS = ("family", "op", "shape", "dtype", "device", "provider", "median_ms", 
            "vs_regot", "of_floor")
 EXTRA = ("n", "reg", "problem", "note", "repeats")
 PLOT_BASELINE = "vs_pot"
+CASE_KEYS = ("op", "problem", "n", "reg")
+RATIOS = {"vs_pot": POT, "vs_regot": REGOT}
+BASELINE_LIBS = ("pot", "regot")
+QUICK_REGS = (1e-2,)                 # quick: n = 1000 at reg 1e-2 only (no reg 1e-3, no assignment problem)
+QUICK_POT_FULL_S, QUICK_BUDGET_S = 10.0, 30.0   # quick: POT extrapolated past 10 s, solves stopped at 30 s
+SMOKE_CASE = ("points", 100, 0.1)    # --smoke (the CLI's tests)
 
 
 @dataclass(frozen=True)
@@ -76,12 +83,17 @@ class Case:
         return f"{self.problem} n={self.n} reg={self.reg:.3g}"
 
 
-def cases(device: str, *, quick: bool = False, batch: int | None = None) -> list[Case]:
-    """Every SIZES x REGS point-cloud problem and the assignment problem; quick: n = 1000 only.
+def cases(device: str, *, quick: bool = False, batch: int | None = None, smoke: bool = False) -> list[Case]:
+    """Every SIZES x REGS point-cloud problem and the assignment problem; quick: n = 1000 at reg = 1e-2
+    only; smoke: one tiny problem (the CLI's tests).
     ``batch`` (the CLI's --batch) picks one size n."""
+    if smoke:
+        return [Case(SMOKE_CASE[0], batch or SMOKE_CASE[1], SMOKE_CASE[2])]
     if device == "cuda":
         return [Case("points", batch, r) for r in REGS] if batch else [Case("points", n, r) for n, r in GPU_CASES]
     sizes = (batch,) if batch else ((1000,) if quick else SIZES)
+    if quick:
+        return [Case("points", n, r) for n in sizes for r in QUICK_REGS]
     out = [Case("points", n, r) for n in sizes for r in REGS]
     return out + [Case("assignment", ASSIGNMENT[0], ASSIGNMENT[1])]
 
@@ -154,8 +166,9 @@ def _regot_child(path: str, reg: float, tol: float, q) -> None:
     q.put((ms, int(r.niter), float(np.abs(P.sum(1) - an).sum() + np.abs(P.sum(0) - bn).sum())))
 
 
-def solve_once(prov: str, case: Case, pb: dict) -> tuple[float, int, float, str]:
-    """(milliseconds, iterations, L1 error, note) of one solve to TARGET."""
+def solve_once(prov: str, case: Case, pb: dict, budget_s: float = BUDGET_S) -> tuple[float, int, float, str]:
+    """(milliseconds, iterations, L1 error, note) of one solve to TARGET, within ``budget_s`` seconds
+    (kernelkit's Sinkhorn and regot)."""
     a, b, M, reg, n = pb["a"], pb["b"], pb["M"], case.reg, case.n
     tol_l2 = TARGET / math.sqrt(2 * n)
     if prov in (KK_SK, KK_SNS, KK_SNS_PTS, KK_SK_PTS):
@@ -172,7 +185,7 @@ def solve_once(prov: str, case: Case, pb: dict) -> tuple[float, int, float, str]
                 f, g = res.f, res.g
                 done = bool(res.converged.all())
                 total += res.niter[0] + 1 if done else chunk
-                if not done and (total >= cap or time.perf_counter() - t0 > BUDGET_S):
+                if not done and (total >= cap or time.perf_counter() - t0 > budget_s):
                     note = f"stopped after {total} iterations / {time.perf_counter() - t0:.0f} s (not converged): a lower bound"
                     break
             iters = total
@@ -199,13 +212,13 @@ def solve_once(prov: str, case: Case, pb: dict) -> tuple[float, int, float, str]
             proc = ctx.Process(target=_regot_child, args=(path, reg, tol_l2, q))
             proc.start()
             try:
-                ms, it, err = q.get(timeout=BUDGET_S + 60)
+                ms, it, err = q.get(timeout=budget_s + 60)
                 proc.join()
                 return ms, it, err, ""
             except Exception:  # noqa: BLE001 - the budget ran out
                 proc.kill()
                 proc.join()
-                return BUDGET_S * 1e3, None, None, f"stopped after {BUDGET_S:.0f} s (not converged): a lower bound"
+                return budget_s * 1e3, None, None, f"stopped after {budget_s:.0f} s (not converged): a lower bound"
     if prov == POT:
         ot, _ = _pot()
         Mn, an, bn = M.cpu().numpy(), a.cpu().numpy(), b.cpu().numpy()
@@ -264,15 +277,21 @@ def floors(device: str) -> dict:
 
 def run(device: str, *, quick: bool = False, batch: int | None = None, repeats: int = 3, warmup: int = 1,
         backends: Iterable[str] | None = None, on_group: Callable[[list[dict]], None] | None = None,
-        skipped: dict | None = None) -> list[dict]:
+        skipped: dict | None = None, smoke: bool = False) -> list[dict]:
+    """Every case on ``device``: per-iteration times, then the solves.  quick / smoke: POT is
+    extrapolated past QUICK_POT_FULL_S and the solves stop at QUICK_BUDGET_S; smoke: no floors."""
     provs, why = providers(device, backends)
     if skipped is not None:
         skipped.update(why)
-    fl = floors(device)
-    print(f"  floors: exp {fl['exp_per_s'] / 1e9:.2f} G/s (float64, all threads), copy {fl['copy_gbs']:.1f} GB/s",
-          file=sys.stderr, flush=True)
+    if smoke:  # regot runs in a spawned process (seconds to start): not in the smoke run
+        provs = [p for p in provs if p != REGOT]
+    pot_full_s, budget_s = (QUICK_POT_FULL_S, QUICK_BUDGET_S) if (quick or smoke) else (POT_FULL_S, BUDGET_S)
+    fl = None if smoke else floors(device)
+    if fl is not None:
+        print(f"  floors: exp {fl['exp_per_s'] / 1e9:.2f} G/s (float64, all threads), copy {fl['copy_gbs']:.1f} GB/s",
+              file=sys.stderr, flush=True)
     rows: list[dict] = []
-    for case in cases(device, quick=quick, batch=batch):
+    for case in cases(device, quick=quick, batch=batch, smoke=smoke):
         pb = make_problem(case, device)
         n = case.n
         base = {"family": FAMILY, "shape": case.label, "dtype": "float64", "device": device, "n": n,
@@ -283,11 +302,11 @@ def run(device: str, *, quick: bool = False, batch: int | None = None, repeats: 
             _timing.warm(fn, warmup)
         it_ms = {p: t / 10 for p, t in _timing.median_ms(fns, device, repeats=repeats).items()}
         floor_ms = max(2 * n * n / fl["exp_per_s"], (2 * n * n * 8 if pb["M"] is not None else 0)
-                       / (fl["copy_gbs"] * 1e9)) * 1e3
+                       / (fl["copy_gbs"] * 1e9)) * 1e3 if fl else None
         for p, t in it_ms.items():
             rows.append({**base, "op": "iter", "provider": p, "median_ms": t, "iters": 1, "l1_err": None,
                          "vs_pot": it_ms[POT] / t if POT in it_ms else None, "vs_regot": None,
-                         "of_floor": floor_ms / t, "note": "", "repeats": repeats})
+                         "of_floor": floor_ms / t if floor_ms else None, "note": "", "repeats": repeats})
         # -- solves to the target
         solve: dict[str, tuple] = {}
         for p in provs:
@@ -298,7 +317,7 @@ def run(device: str, *, quick: bool = False, batch: int | None = None, repeats: 
             if p.endswith("_points") and pb["x"] is None:
                 continue
             try:
-                solve[p] = solve_once(p, case, pb)
+                solve[p] = solve_once(p, case, pb, budget_s)
             except (RuntimeError, MemoryError) as e:
                 if skipped is not None:
                     skipped[f"{p} {case.label}"] = str(e).splitlines()[0]
@@ -310,11 +329,11 @@ def run(device: str, *, quick: bool = False, batch: int | None = None, repeats: 
             if pred is None and KK_SK in solve:
                 solve[POT] = (None, None, None, "not run: kernelkit_sinkhorn did not converge within its budget, so "
                               "POT (the same iterates, ~15-20x slower per iteration) would not either")
-            elif pred is not None and pred / 1e3 > POT_FULL_S:
+            elif pred is not None and pred / 1e3 > pot_full_s:
                 solve[POT] = (pred, sk_iters, None, f"extrapolated: {sk_iters} iterations (kernelkit_sinkhorn's, the "
                               f"same iterates) x {it_ms[POT]:.1f} ms per iteration")
             else:
-                solve[POT] = solve_once(POT, case, pb)
+                solve[POT] = solve_once(POT, case, pb, budget_s)
         for p, (ms, iters, err, note) in solve.items():
             if ms is None:
                 rows.append({**base, "op": "solve", "provider": p, "median_ms": None, "iters": None, "l1_err": None,
@@ -340,24 +359,43 @@ def _goal(rows, title, key, goal):
     return [title] + lines + [f"  => {'MET' if all(ok) else 'NOT MET'} ({sum(ok)}/{len(ok)})"]
 
 
+def goals(rows: list[dict], device: str) -> list[Goal]:
+    """The issue's speed goals (CPU; none on the GPU) with the rows each applies to."""
+    if device != "cpu":
+        return []
+    sns = [r for r in rows if r["op"] == "solve" and r["provider"] == KK_SNS and r["median_ms"] is not None
+           and any(q["op"] == "solve" and q["provider"] == REGOT and q["shape"] == r["shape"] for q in rows)]
+    key = [r for r in rows if r["op"] == "solve" and r["provider"] == KK_SNS and r["n"] == 2000
+           and r["problem"] == "points" and abs(r["reg"] - 1e-3) < 1e-12 and r["vs_pot"] is not None]
+    it = [r for r in rows if r["op"] == "iter" and r["provider"] == KK_SK and r["vs_pot"] is not None]
+    return [Goal("Goal (CPU): SNS no slower than regot's SSNS on every case", "vs_regot", GOALS["sns_vs_regot"], sns),
+            Goal("Goal (CPU): SNS >= 100x faster than POT sinkhorn_log at n=2000, reg=1e-3", "vs_pot",
+                 GOALS["sns_vs_pot_n2000_reg1e-3"], key),
+            Goal("Goal (CPU): Sinkhorn >= 3x faster per iteration than POT sinkhorn_log", "vs_pot",
+                 GOALS["sinkhorn_iter_vs_pot"], it)]
+
+
 def goal_report(rows: list[dict], device: str) -> list[str]:
     out = []
+    for g in goals(rows, device):
+        out += _goal(g.rows, g.title, g.key, g.goal)
+    return out + notes(rows, device)
+
+
+def notes(rows: list[dict], device: str) -> list[str]:
+    """What the table does not show: the solves' iteration counts and L1 errors, budgets that ran out."""
+    out = []
     if device != "cpu":
-        pts = [r for r in rows if r["op"] == "solve"]
+        pts = [r for r in rows if r["op"] == "solve" and r["median_ms"] is not None]
         out.append("GPU: point clouds without a cost matrix: " + ", ".join(
             f"{r['provider']} {r['shape']}: {r['median_ms']:.0f} ms, {r['iters']} it, L1 {r['l1_err']:.1e}"
             for r in pts))
         return out
-    sns = [r for r in rows if r["op"] == "solve" and r["provider"] == KK_SNS and r["median_ms"] is not None
-           and any(q["op"] == "solve" and q["provider"] == REGOT and q["shape"] == r["shape"] for q in rows)]
-    out += _goal(sns, "Goal (CPU): SNS no slower than regot's SSNS on every case", "vs_regot", GOALS["sns_vs_regot"])
-    key = [r for r in rows if r["op"] == "solve" and r["provider"] == KK_SNS and r["n"] == 2000
-           and r["problem"] == "points" and abs(r["reg"] - 1e-3) < 1e-12 and r["vs_pot"] is not None]
-    out += _goal(key, "Goal (CPU): SNS >= 100x faster than POT sinkhorn_log at n=2000, reg=1e-3", "vs_pot",
-                 GOALS["sns_vs_pot_n2000_reg1e-3"])
-    it = [r for r in rows if r["op"] == "iter" and r["provider"] == KK_SK and r["vs_pot"] is not None]
-    out += _goal(it, "Goal (CPU): Sinkhorn >= 3x faster per iteration than POT sinkhorn_log", "vs_pot",
-                 GOALS["sinkhorn_iter_vs_pot"])
+    solved = [r for r in rows if r["op"] == "solve" and r["median_ms"] is not None and r["iters"] is not None]
+    if solved:
+        out.append("solves (iterations, L1 marginal error): " + "; ".join(
+            f"{r['provider']} {r['shape']}: {r['iters']} it"
+            + (f", {r['l1_err']:.1e}" if r["l1_err"] is not None else "") for r in solved))
     bad = [r for r in rows if r["op"] == "solve" and r["l1_err"] is not None and r["l1_err"] > 10 * TARGET]
     for r in rows:
         if r["op"] == "solve" and "lower bound" in (r.get("note") or ""):

@@ -44,6 +44,7 @@ from kernelkit.rbf import build_grid, knn, rbf_features
 from kernelkit.rbf import reference as R
 
 from . import _timing
+from ._report import Goal
 from .mfac import _goal  # the goal lines' format
 from .monarch import environment  # same machine description
 from .sparse import floors  # a dense fp32 GEMM and a 256 MB copy
@@ -62,6 +63,10 @@ COLUMNS = ("family", "op", "shape", "dtype", "device", "provider", "median_ms", 
            "vs_pykdtree", "of_floor")
 PLOT_BASELINE = "vs_torch"
 EXTRA = ("n", "m", "k", "repeats", "err")
+CASE_KEYS = ("op", "n", "m", "k")
+RATIOS = {"vs_torch": TORCH, "vs_pykdtree": KDTREE}
+BASELINE_LIBS = ("pykdtree",)
+SMOKE_CASES = ((1 << 12, 500, 4),)   # --smoke (the CLI's tests)
 
 
 @dataclass(frozen=True)
@@ -76,9 +81,9 @@ class Case:
         return f"N=2^{int(math.log2(self.n))} M={self.m:.0e} k={self.k}".replace("e+0", "e")
 
 
-def cases(device: str, *, quick: bool = False, batch: int | None = None) -> list[Case]:
-    """``batch`` picks one N (the CLI's --batch)."""
-    sizes = QUICK_CASES if quick else (GPU_CASES if device == "cuda" else CPU_CASES)
+def cases(device: str, *, quick: bool = False, batch: int | None = None, smoke: bool = False) -> list[Case]:
+    """``batch`` picks one N (the CLI's --batch).  quick: QUICK_CASES; smoke: tiny (the CLI's tests)."""
+    sizes = SMOKE_CASES if smoke else QUICK_CASES if quick else (GPU_CASES if device == "cuda" else CPU_CASES)
     if batch is not None:
         sizes = tuple(sorted({(batch, m, k) for _, m, k in sizes}))
     out = []
@@ -226,26 +231,30 @@ def measure(case: Case, device: str, provs: list[str], *, repeats: int, warmup: 
             "vs_torch": times[TORCH] / t if TORCH in times else None,
             "vs_pykdtree": times[KDTREE] / t if KDTREE in times else None,
             "of_floor": sin_floor_ms / t if sin_floor_ms else None,
-            "n": case.n, "m": case.m, "k": case.k, "repeats": reps, "err": errs.get(prov),
+            "n": case.n, "m": case.m, "k": case.k if case.op != "build" else None, "repeats": reps,
+            "err": errs.get(prov),
         })
     return rows
 
 
 def run(device: str, *, quick: bool = False, batch: int | None = None, repeats: int = 5, warmup: int = 1,
         backends: Iterable[str] | None = None, on_group: Callable[[list[dict]], None] | None = None,
-        skipped: dict | None = None) -> list[dict]:
+        skipped: dict | None = None, smoke: bool = False) -> list[dict]:
+    """Every case on ``device``; smoke: tiny cases and no floors (of_floor empty)."""
     provs, why = providers(device, backends)
     if skipped is not None:
         skipped.update(why)
-    f = floors(device, torch.float32)
-    s = sin_rate(device)
-    print(f"  floors (float32): dense GEMM {f['gemm_gflops']:.1f} GFLOP/s, copy {f['copy_gbs']:.1f} GB/s "
-          f"(256 MB, read + write), torch.sin {s / 1e9:.2f} G/s (16M)", file=sys.stderr, flush=True)
+    floor = None
+    if not smoke:
+        f = floors(device, torch.float32)
+        s = sin_rate(device)
+        floor = {"sin_rate": s, **f}
+        print(f"  floors (float32): dense GEMM {f['gemm_gflops']:.1f} GFLOP/s, copy {f['copy_gbs']:.1f} GB/s "
+              f"(256 MB, read + write), torch.sin {s / 1e9:.2f} G/s (16M)", file=sys.stderr, flush=True)
     rows: list[dict] = []
-    for case in cases(device, quick=quick, batch=batch):
+    for case in cases(device, quick=quick, batch=batch, smoke=smoke):
         t0 = time.perf_counter()
-        rows += measure(case, device, provs, repeats=repeats, warmup=warmup, skipped=skipped,
-                        floor={"sin_rate": s, **f})
+        rows += measure(case, device, provs, repeats=repeats, warmup=warmup, skipped=skipped, floor=floor)
         if on_group is not None:
             on_group(rows)
         if device == "cuda":
@@ -254,22 +263,31 @@ def run(device: str, *, quick: bool = False, batch: int | None = None, repeats: 
     return rows
 
 
+def goals(rows: list[dict], device: str) -> list[Goal]:
+    """The issue's speed goals on ``device`` with the rows each applies to."""
+    if device == "cpu":
+        k = [r for r in rows if r["provider"] == "kernelkit_cpu" and r["op"] in ("fwd", "fwd+bwd") and r["vs_torch"]]
+        s = [r for r in rows if r["provider"] == "kernelkit_cpu" and r["op"] == "knn" and r["vs_pykdtree"]]
+        return [Goal(f"Goal 1 (CPU): >= {GOALS['cpu_vs_torch']}x the points/s of the torch (NeuRBF-style) "
+                     "reference, forward and forward+backward", "vs_torch", GOALS["cpu_vs_torch"], k),
+                Goal(f"Goal 2 (CPU): the search >= {GOALS['cpu_knn_vs_pykdtree']}x faster than pykdtree",
+                     "vs_pykdtree", GOALS["cpu_knn_vs_pykdtree"], s)]
+    return [Goal(f"Goal (GPU, {be}): >= {GOALS['gpu_vs_torch']}x the torch reference", "vs_torch", GOALS["gpu_vs_torch"],
+                 [r for r in rows if r["provider"] == f"kernelkit_{be}" and r["op"] in ("fwd", "fwd+bwd")
+                  and r["vs_torch"]]) for be in ("triton", "cuda")]
+
+
 def goal_report(rows: list[dict], device: str) -> list[str]:
     """The issue's goals, checked on ``rows``."""
     out = []
-    if device == "cpu":
-        k = [r for r in rows if r["provider"] == "kernelkit_cpu" and r["op"] in ("fwd", "fwd+bwd") and r["vs_torch"]]
-        out += _goal(k, f"Goal 1 (CPU): >= {GOALS['cpu_vs_torch']}x the points/s of the torch (NeuRBF-style) "
-                     "reference, forward and forward+backward", "vs_torch", GOALS["cpu_vs_torch"])
-        s = [r for r in rows if r["provider"] == "kernelkit_cpu" and r["op"] == "knn" and r["vs_pykdtree"]]
-        out += _goal(s, f"Goal 2 (CPU): the search >= {GOALS['cpu_knn_vs_pykdtree']}x faster than pykdtree",
-                     "vs_pykdtree", GOALS["cpu_knn_vs_pykdtree"])
-    else:
-        for be in ("triton", "cuda"):
-            k = [r for r in rows if r["provider"] == f"kernelkit_{be}" and r["op"] in ("fwd", "fwd+bwd")
-                 and r["vs_torch"]]
-            out += _goal(k, f"Goal (GPU, {be}): >= {GOALS['gpu_vs_torch']}x the torch reference", "vs_torch",
-                         GOALS["gpu_vs_torch"])
+    for g in goals(rows, device):
+        out += _goal(g.rows, g.title, g.key, g.goal)
+    return out + notes(rows, device)
+
+
+def notes(rows: list[dict], device: str) -> list[str]:
+    """What the table does not show: the agreement with torch_neurbf."""
+    out = []
     errs = [r for r in rows if r.get("err") is not None]
     if errs:
         out.append("agreement with torch_neurbf (relative, first 4096 points): "

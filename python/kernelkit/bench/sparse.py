@@ -41,6 +41,7 @@ from kernelkit import _backend
 from kernelkit.sparse import SparseLayout, mask_from_scores, sparse_linear
 
 from . import _timing
+from ._report import Goal
 from .monarch import environment  # same machine description
 
 FAMILY = "sparse"
@@ -61,6 +62,11 @@ COLUMNS = ("family", "op", "shape", "dtype", "device", "provider", "median_ms", 
            "of_floor")
 PLOT_BASELINE = "vs_dense"
 EXTRA = ("batch", "out_features", "in_features", "sparsity", "blocked", "repeats")
+CASE_KEYS = ("op", "dtype", "batch", "out_features", "in_features", "sparsity", "blocked")
+RATIOS = {"vs_dense": DENSE, "vs_csr": CSR}
+BASELINE_LIBS = ()
+SMOKE_CASES = ((128, 256, 0.5), (128, 256, 0.9))   # --smoke (the CLI's tests): batch 16
+_FLOORS: dict = {}   # floors() of this process: one measurement per (device, dtype) for all families
 
 
 @dataclass(frozen=True)
@@ -79,9 +85,11 @@ class Case:
         return f"{self.batch}x{self.in_features}->{self.out_features} s{round(100 * self.sparsity)}{kind}"
 
 
-def cases(device: str, *, quick: bool = False, batch: int | None = None) -> list[Case]:
+def cases(device: str, *, quick: bool = False, batch: int | None = None, smoke: bool = False) -> list[Case]:
     """Every SHAPES x SPARSITIES at ``batch`` (default 2048), then the block-structured cases.
-    quick: batch 256, the 1024x4096 shape at 50/90/99%."""
+    quick: batch 256, the 1024x4096 shape at 50/90/99%.  smoke: tiny (the CLI's tests)."""
+    if smoke:
+        return [Case(o, i, s, batch or 16) for o, i, s in SMOKE_CASES]
     if quick:
         b = batch or QUICK_BATCH
         return [Case(1024, 4096, s, b) for s in (0.5, 0.9, 0.99)]
@@ -110,7 +118,15 @@ def providers(device: str, backends: Iterable[str] | None = None) -> tuple[list[
 
 def floors(device: str, dtype: torch.dtype = torch.float32, repeats: int = 5) -> dict:
     """This machine's ceilings, measured now: dense GEMM rate (GFLOP/s, F.linear at batch 2048 x 4096 ->
-    4096 in ``dtype``) and copy bandwidth (GB/s read + write, a 256 MB tensor copy)."""
+    4096 in ``dtype``) and copy bandwidth (GB/s read + write, a 256 MB tensor copy).  Measured once per
+    process and (device, dtype): the families of one CLI run share it."""
+    key = (device, str(dtype), repeats)
+    if key not in _FLOORS:
+        _FLOORS[key] = _measure_floors(device, dtype, repeats)
+    return dict(_FLOORS[key])
+
+
+def _measure_floors(device: str, dtype: torch.dtype, repeats: int) -> dict:
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.rand(2048, 4096, generator=g, device=device).to(dtype)
     w = torch.rand(4096, 4096, generator=g, device=device).to(dtype)
@@ -248,19 +264,20 @@ def measure(case: Case, dtype: torch.dtype, device: str, mode: str, provs: list[
 
 def run(device: str, *, quick: bool = False, batch: int | None = None, repeats: int = 5, warmup: int = 1,
         backends: Iterable[str] | None = None, on_group: Callable[[list[dict]], None] | None = None,
-        skipped: dict | None = None) -> list[dict]:
-    """Every case x dtype x mode on ``device``; ``on_group(rows_so_far)`` after each group."""
+        skipped: dict | None = None, smoke: bool = False) -> list[dict]:
+    """Every case x dtype x mode on ``device``; ``on_group(rows_so_far)`` after each group.
+    smoke: tiny cases and no floors (gflops only, of_floor empty)."""
     provs, why = providers(device, backends)
     if skipped is not None:
         skipped.update(why)
     floor = {}
-    for dt in dtypes(device):
+    for dt in () if smoke else dtypes(device):
         f = floors(device, dt)
         floor[f["dtype"]] = f
         print(f"  floors ({f['dtype']}): dense GEMM {f['gemm_gflops']:.1f} GFLOP/s (2048x4096 @ 4096x4096), "
               f"copy {f['copy_gbs']:.1f} GB/s (256 MB, read + write)", file=sys.stderr, flush=True)
     rows: list[dict] = []
-    for case in cases(device, quick=quick, batch=batch):
+    for case in cases(device, quick=quick, batch=batch, smoke=smoke):
         for dtype in dtypes(device):
             for mode in MODES:
                 rows += measure(case, dtype, device, mode, provs, repeats=repeats, warmup=warmup, skipped=skipped,
@@ -305,32 +322,45 @@ def _goal(rows: list[dict], title: str, key: str, goal: float) -> list[str]:
         f"  => {'MET' if all(ok) else 'NOT MET'} ({sum(ok)}/{len(ok)})"]
 
 
-def goal_report(rows: list[dict], device: str) -> list[str]:
-    """The issue's speed goals, checked on ``rows`` (each case's ratio, then MET / NOT MET), and the
-    measured break-even sparsities."""
+def goals(rows: list[dict], device: str) -> list[Goal]:
+    """The issue's speed goals on ``device`` with the rows each applies to."""
     unstructured = [r for r in rows if not r["blocked"]]
     out = []
     if device == "cpu":
         k = [r for r in unstructured if r["provider"] == "kernelkit_cpu" and r["sparsity"] == GOAL_SPARSITY]
-        out += _goal([r for r in k if r["op"] == "fwd" and r["vs_dense"]],
-                     f"Goal 1 (CPU): kernelkit_cpu fwd >= {GOALS['cpu_fwd_vs_dense']}x vs {DENSE} at 90%",
-                     "vs_dense", GOALS["cpu_fwd_vs_dense"])
-        out += _goal([r for r in k if r["op"] == "fwd" and r["vs_csr"]],
-                     f"Goal 2 (CPU): kernelkit_cpu fwd >= {GOALS['cpu_fwd_vs_csr']}x vs {CSR} at 90%",
-                     "vs_csr", GOALS["cpu_fwd_vs_csr"])
-        out += _goal([r for r in k if r["op"] == "fwd+bwd" and r["vs_dense"]],
-                     f"Goal 3 (CPU): kernelkit_cpu fwd+bwd >= {GOALS['cpu_fwdbwd_vs_dense']}x vs {DENSE} at 90%",
-                     "vs_dense", GOALS["cpu_fwdbwd_vs_dense"])
+        out += [Goal(f"Goal 1 (CPU): kernelkit_cpu fwd >= {GOALS['cpu_fwd_vs_dense']}x vs {DENSE} at 90%",
+                     "vs_dense", GOALS["cpu_fwd_vs_dense"], [r for r in k if r["op"] == "fwd" and r["vs_dense"]]),
+                Goal(f"Goal 2 (CPU): kernelkit_cpu fwd >= {GOALS['cpu_fwd_vs_csr']}x vs {CSR} at 90%",
+                     "vs_csr", GOALS["cpu_fwd_vs_csr"], [r for r in k if r["op"] == "fwd" and r["vs_csr"]]),
+                Goal(f"Goal 3 (CPU): kernelkit_cpu fwd+bwd >= {GOALS['cpu_fwdbwd_vs_dense']}x vs {DENSE} at 90%",
+                     "vs_dense", GOALS["cpu_fwdbwd_vs_dense"],
+                     [r for r in k if r["op"] == "fwd+bwd" and r["vs_dense"]])]
         auto = "kernelkit_cpu_auto"
     else:
-        out += _goal([r for r in unstructured if r["provider"] in ("kernelkit_triton", "kernelkit_cuda")
-                      and r["dtype"] == "bfloat16" and r["sparsity"] >= GOAL_SPARSITY and r["vs_dense"]],
-                     f"Goal (GPU): faster than {DENSE} (cuBLAS) from 90% sparsity up, bfloat16",
-                     "vs_dense", GOALS["gpu_vs_dense"])
+        out.append(Goal(f"Goal (GPU): faster than {DENSE} (cuBLAS) from 90% sparsity up, bfloat16", "vs_dense",
+                        GOALS["gpu_vs_dense"],
+                        [r for r in unstructured if r["provider"] in ("kernelkit_triton", "kernelkit_cuda")
+                         and r["dtype"] == "bfloat16" and r["sparsity"] >= GOAL_SPARSITY and r["vs_dense"]]))
         auto = "kernelkit_triton_auto"
-    out += _goal([r for r in unstructured if r["provider"] == auto and r["vs_dense"]],
-                 f"Goal (all): {auto} (dense path below the break-even) >= {GOALS['auto_vs_dense']}x of "
-                 f"{DENSE} at every sparsity", "vs_dense", GOALS["auto_vs_dense"])
+    out.append(Goal(f"Goal (all): {auto} (dense path below the break-even) >= {GOALS['auto_vs_dense']}x of "
+                    f"{DENSE} at every sparsity", "vs_dense", GOALS["auto_vs_dense"],
+                    [r for r in unstructured if r["provider"] == auto and r["vs_dense"]]))
+    return out
+
+
+def goal_report(rows: list[dict], device: str) -> list[str]:
+    """The issue's speed goals, checked on ``rows`` (each case's ratio, then MET / NOT MET), and the
+    measured break-even sparsities."""
+    out = []
+    for g in goals(rows, device):
+        out += _goal(g.rows, g.title, g.key, g.goal)
+    return out + notes(rows, device)
+
+
+def notes(rows: list[dict], device: str) -> list[str]:
+    """What the table does not show: the break-even sparsities of the kernelkit providers vs dense."""
+    unstructured = [r for r in rows if not r["blocked"]]
+    out = []
     for prov in dict.fromkeys(r["provider"] for r in unstructured):
         if prov.startswith("kernelkit_") and not prov.endswith("_auto"):
             out.append(f"Break-even sparsity of {prov} vs {DENSE} (interpolated; '<' = faster at every sparsity "

@@ -38,6 +38,7 @@ from kernelkit.vq import dequantize, vq_linear
 from kernelkit.vq.reference import dequantize_reference
 
 from . import _timing
+from ._report import Goal
 from .monarch import environment  # same machine description
 from .sparse import floors  # same floors: a dense fp32 GEMM and a 256 MB copy
 
@@ -50,6 +51,7 @@ GPU_FORMATS = {"1x8g4": (1, 256, 4), "2x8g8": (2, 256, 8), "1x16g8": (1, 65536, 
 MODES = ("fwd", "fwd+bwd")
 BWD_BATCH = 256
 AQLM_MAX_BATCH = 256
+QUICK_AQLM_MAX_BATCH = 16   # quick: AQLM's kernel (a GEMV per row, ~4 s a call at batch 256 here) up to batch 16
 DENSE, DEQUANT, AQLM = "dense_F.linear", "dequant_matmul", "aqlm_numba"
 BASELINES = (DENSE, DEQUANT, AQLM)
 DEFAULT_BACKENDS = {"cpu": ("cpu",), "cuda": ("triton", "cuda")}
@@ -59,6 +61,10 @@ COLUMNS = ("family", "op", "shape", "dtype", "device", "provider", "median_ms", 
            "err", "gbs", "of_floor")
 PLOT_BASELINE = "vs_dense"
 EXTRA = ("format", "batch", "in_features", "out_features", "repeats")
+CASE_KEYS = ("op", "dtype", "format", "batch", "in_features", "out_features")
+RATIOS = {"vs_dense": DENSE, "vs_dequant": DEQUANT, "vs_aqlm": AQLM}
+BASELINE_LIBS = ("aqlm", "numba")
+SMOKE_SHAPE = (256, 128)   # --smoke (the CLI's tests): (in, out) at batch 1 and 256, 1x8g4 only
 
 
 @dataclass(frozen=True)
@@ -73,9 +79,12 @@ class Case:
         return f"{self.fmt} {self.batch}x{self.in_features}->{self.out_features}"
 
 
-def cases(device: str, *, quick: bool = False, batch: int | None = None) -> list[Case]:
-    """Every SHAPES x format x BATCHES (or the one ``batch``); quick: 4096x4096, batch 1/16/256."""
+def cases(device: str, *, quick: bool = False, batch: int | None = None, smoke: bool = False) -> list[Case]:
+    """Every SHAPES x format x BATCHES (or the one ``batch``); quick: 4096x4096, batch 1/16/256;
+    smoke: a tiny layer (the CLI's tests)."""
     fmts = GPU_FORMATS if device == "cuda" else FORMATS
+    if smoke:
+        return [Case(*SMOKE_SHAPE, "1x8g4", b) for b in ((batch,) if batch else (1, BWD_BATCH))]
     if quick:
         return [Case(4096, 4096, f, b) for f in fmts for b in ((batch,) if batch else (1, 16, 256))]
     return [Case(i, o, f, b) for i, o in SHAPES for f in fmts for b in ((batch,) if batch else BATCHES)]
@@ -241,21 +250,26 @@ def measure(case: Case, dtype: torch.dtype, device: str, mode: str, provs: list[
 
 def run(device: str, *, quick: bool = False, batch: int | None = None, repeats: int = 5, warmup: int = 1,
         backends: Iterable[str] | None = None, on_group: Callable[[list[dict]], None] | None = None,
-        skipped: dict | None = None) -> list[dict]:
+        skipped: dict | None = None, smoke: bool = False) -> list[dict]:
+    """Every case x mode on ``device``; smoke: tiny cases and no floors (of_floor empty)."""
     provs, why = providers(device, backends)
     if skipped is not None:
         skipped.update(why)
+    if smoke:  # numba compiles AQLM's kernel (seconds): not in the smoke run
+        provs = [p for p in provs if p != AQLM]
     dtype = dtype_for(device)
-    f = floors(device, dtype)
-    print(f"  floors ({f['dtype']}): dense GEMM {f['gemm_gflops']:.1f} GFLOP/s (2048x4096 @ 4096x4096), "
-          f"copy {f['copy_gbs']:.1f} GB/s (256 MB, read + write)", file=sys.stderr, flush=True)
+    f = None if smoke else floors(device, dtype)
+    if f is not None:
+        print(f"  floors ({f['dtype']}): dense GEMM {f['gemm_gflops']:.1f} GFLOP/s (2048x4096 @ 4096x4096), "
+              f"copy {f['copy_gbs']:.1f} GB/s (256 MB, read + write)", file=sys.stderr, flush=True)
     rows: list[dict] = []
-    for case in cases(device, quick=quick, batch=batch):
+    for case in cases(device, quick=quick, batch=batch, smoke=smoke):
         for mode in MODES:
             if mode == "fwd+bwd" and case.batch != BWD_BATCH:
                 continue
-            rows += measure(case, dtype, device, mode, provs, repeats=repeats, warmup=warmup, skipped=skipped,
-                            floor={f["dtype"]: f})
+            run_provs = [p for p in provs if not (quick and p == AQLM and case.batch > QUICK_AQLM_MAX_BATCH)]
+            rows += measure(case, dtype, device, mode, run_provs, repeats=repeats, warmup=warmup, skipped=skipped,
+                            floor={f["dtype"]: f} if f else None)
             if on_group is not None:
                 on_group(rows)
     return rows
@@ -270,26 +284,40 @@ def _goal(rows: list[dict], title: str, key: str, goal: float) -> list[str]:
     return [title] + lines + [f"  => {'MET' if all(ok) else 'NOT MET'} ({sum(ok)}/{len(ok)})"]
 
 
-def goal_report(rows: list[dict], device: str) -> list[str]:
-    """The issue's speed goals, checked on ``rows`` (each case's ratio, then MET / NOT MET)."""
+def goals(rows: list[dict], device: str) -> list[Goal]:
+    """The issue's speed goals on ``device`` with the rows each applies to."""
     fwd = [r for r in rows if r["op"] == "fwd" and r["vs_dense"]]
     out = []
     if device == "cpu":
         k = [r for r in fwd if r["provider"] == "kernelkit_cpu"]
-        out += _goal([r for r in k if r["batch"] == 1], f"Goal 1 (CPU): batch 1 >= {GOALS['cpu_b1_vs_dense']}x vs "
-                     f"{DENSE} (fp32)", "vs_dense", GOALS["cpu_b1_vs_dense"])
-        out += _goal([r for r in k if r["batch"] == 16], f"Goal 2 (CPU): batch 16 >= {GOALS['cpu_b16_vs_dense']}x "
-                     f"vs {DENSE} (fp32)", "vs_dense", GOALS["cpu_b16_vs_dense"])
-        out += _goal([r for r in k if r["batch"] >= 256 and r["vs_dequant"]],
-                     f"Large batches (no goal in the issue): kernelkit_cpu vs {DEQUANT} >= 1x", "vs_dequant", 1.0)
-        out += _goal([r for r in k if r["vs_aqlm"]], f"vs {AQLM} (AQLM's CPU kernel, same format)", "vs_aqlm", 1.0)
+        out += [Goal(f"Goal 1 (CPU): batch 1 >= {GOALS['cpu_b1_vs_dense']}x vs {DENSE} (fp32)", "vs_dense",
+                     GOALS["cpu_b1_vs_dense"], [r for r in k if r["batch"] == 1]),
+                Goal(f"Goal 2 (CPU): batch 16 >= {GOALS['cpu_b16_vs_dense']}x vs {DENSE} (fp32)", "vs_dense",
+                     GOALS["cpu_b16_vs_dense"], [r for r in k if r["batch"] == 16]),
+                Goal(f"Large batches (no goal in the issue): kernelkit_cpu vs {DEQUANT} >= 1x", "vs_dequant", 1.0,
+                     [r for r in k if r["batch"] >= 256 and r["vs_dequant"]]),
+                Goal(f"vs {AQLM} (AQLM's CPU kernel, same format)", "vs_aqlm", 1.0, [r for r in k if r["vs_aqlm"]])]
     else:
         for be in ("triton", "cuda"):
             k = [r for r in fwd if r["provider"] == f"kernelkit_{be}"]
-            out += _goal([r for r in k if r["batch"] == 1], f"Goal (GPU, {be}): batch 1 >= "
-                         f"{GOALS['gpu_b1_vs_dense']}x vs {DENSE} (fp16 cuBLAS)", "vs_dense", GOALS["gpu_b1_vs_dense"])
-            out += _goal([r for r in k if r["batch"] >= 256], f"Goal (GPU, {be}): GEMM >= "
-                         f"{GOALS['gpu_gemm_vs_dense']}x of cuBLAS", "vs_dense", GOALS["gpu_gemm_vs_dense"])
+            out += [Goal(f"Goal (GPU, {be}): batch 1 >= {GOALS['gpu_b1_vs_dense']}x vs {DENSE} (fp16 cuBLAS)",
+                         "vs_dense", GOALS["gpu_b1_vs_dense"], [r for r in k if r["batch"] == 1]),
+                    Goal(f"Goal (GPU, {be}): GEMM >= {GOALS['gpu_gemm_vs_dense']}x of cuBLAS", "vs_dense",
+                         GOALS["gpu_gemm_vs_dense"], [r for r in k if r["batch"] >= 256])]
+    return out
+
+
+def goal_report(rows: list[dict], device: str) -> list[str]:
+    """The issue's speed goals, checked on ``rows`` (each case's ratio, then MET / NOT MET)."""
+    out = []
+    for g in goals(rows, device):
+        out += _goal(g.rows, g.title, g.key, g.goal)
+    return out + notes(rows, device)
+
+
+def notes(rows: list[dict], device: str) -> list[str]:
+    """What the table does not show: the error of AQLM's kernel."""
+    out = []
     errs = [r for r in rows if r["provider"] == AQLM and r["err"] is not None]
     if errs:
         out.append(f"{AQLM} relative error of the first call vs float64: "
