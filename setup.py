@@ -187,7 +187,7 @@ class BuildKernelkit(build_ext):
         for name, cuda, dep in variants:
             objs = [tmp / f"jax.{s.stem}.{name}.o" for s in srcs]
             jobs += [[cxx, *flags, f"-DKK_JAX_CUDA={cuda}", "-c", s, "-o", o] for s, o in zip(srcs, objs)]
-            links.append([cxx, "-shared", *objs, f"-L{lib_dir}", f"-l{dep}", "-Wl,-rpath,$ORIGIN",
+            links.append([cxx, "-shared", *objs, f"-L{lib_dir}", f"-l{dep}", "-Wl,-rpath,$ORIGIN", "-Wl,--no-undefined",
                           "-o", lib_dir / f"lib{name}.so"])
         with ThreadPoolExecutor(self._jobs()) as pool:
             list(pool.map(_run, jobs))

@@ -157,8 +157,8 @@ class Lead {
 // ---- scratch memory --------------------------------------------------------------------------
 #if KK_JAX_CUDA
 // Device scratch from XLA's allocator (freed when the handler returns).
-#define KK_JAX_DEVICE_CTX .Ctx<ffi::PlatformStream<void*>>().Ctx<ffi::ScratchAllocator>()
-#define KK_JAX_DEVICE_PARAMS , void* stream, ffi::ScratchAllocator scratch
+#define KK_JAX_DEVICE_CTX .Ctx<::xla::ffi::PlatformStream<void*>>().Ctx<::xla::ffi::ScratchAllocator>()
+#define KK_JAX_DEVICE_PARAMS , [[maybe_unused]] void* stream, [[maybe_unused]] ::xla::ffi::ScratchAllocator scratch
 inline void* scratch_bytes(ffi::ScratchAllocator& s, int64_t bytes) {
   if (bytes <= 0) return nullptr;
   auto p = s.Allocate(static_cast<size_t>(bytes), 256);

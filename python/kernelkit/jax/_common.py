@@ -91,10 +91,11 @@ def check_array(x, name: str, fn: str, *, ndim: int | None = None, min_ndim: int
         raise TypeError(f"{fn}: {name} must have dtype {names}, got {np.dtype(x.dtype).name}")
 
 
-def check_float(fn: str, first: str, x, **others) -> None:
-    """x a float array of a dtype the current platform's kernels take; the others of x's dtype."""
+def check_float(fn: str, first: str, x, *, platform_dtypes: dict | None = None, **others) -> None:
+    """x a float array of a dtype the current platform's kernels take (``platform_dtypes``: the
+    family's {platform: dtypes} when it differs from PLATFORM_DTYPES); the others of x's dtype."""
     plat = platform()
-    ok = PLATFORM_DTYPES.get(plat)
+    ok = (platform_dtypes or PLATFORM_DTYPES).get(plat)
     if ok is None:
         raise RuntimeError(f"{fn}: kernelkit.jax has no kernels for platform {plat!r} (cpu, cuda)")
     if plat not in _PLATFORMS:
