@@ -141,6 +141,9 @@ def main(argv=None) -> int:
     say("  " + _report.versions())
     for line in mods[a.families[0]].environment(a.device)[1:]:
         say("  " + line)
+    if a.sweep == "short":
+        say("  short sweep: smaller sizes than the goals were set for, so the goal cells are indicative; "
+            "--full (or --family NAME) runs the goals' own sizes")
     a.out.mkdir(parents=True, exist_ok=True)
     summary, failed, files = [], [], []
     for name, fam in mods.items():
