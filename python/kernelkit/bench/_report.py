@@ -391,3 +391,12 @@ def plot(rows: list[dict], path: Path, case_keys, ratios: dict, title: str, capt
 
 def print_err(*a) -> None:
     print(*a, file=sys.stderr, flush=True)
+
+
+def goal_report(goals_fn, notes_fn, goal_lines, rows: list[dict], device: str) -> list[str]:
+    """A family's goal check as text: ``goal_lines(rows, title, key, goal)`` for each of
+    ``goals_fn(rows, device)``, then ``notes_fn(rows, device)`` (each family's ``goal_report``)."""
+    out = []
+    for g in goals_fn(rows, device):
+        out += goal_lines(g.rows, g.title, g.key, g.goal)
+    return out + notes_fn(rows, device)

@@ -35,7 +35,7 @@ from kernelkit.mfac import SlidingWindowIHVP, StaticIHVP
 from kernelkit.mfac import ops as kk_ops
 from kernelkit.mfac import reference as R
 
-from . import _timing
+from . import _report, _timing
 from ._report import Goal
 from .monarch import environment  # same machine description
 from .sparse import floors  # same floors: a dense fp32 GEMM and a 256 MB copy
@@ -367,10 +367,7 @@ def goals(rows: list[dict], device: str) -> list[Goal]:
 
 def goal_report(rows: list[dict], device: str) -> list[str]:
     """The issue's goals, checked on ``rows``."""
-    out = []
-    for g in goals(rows, device):
-        out += _goal(g.rows, g.title, g.key, g.goal)
-    return out + notes(rows, device)
+    return _report.goal_report(goals, notes, _goal, rows, device)
 
 
 def notes(rows: list[dict], device: str) -> list[str]:

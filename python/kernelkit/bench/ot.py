@@ -42,7 +42,7 @@ import kernelkit
 from kernelkit.ot import Cost, solvers
 from kernelkit.ot import ops as ot_ops
 
-from . import _timing
+from . import _report, _timing
 from ._report import Goal
 from .monarch import environment  # same machine description
 
@@ -376,10 +376,8 @@ def goals(rows: list[dict], device: str) -> list[Goal]:
 
 
 def goal_report(rows: list[dict], device: str) -> list[str]:
-    out = []
-    for g in goals(rows, device):
-        out += _goal(g.rows, g.title, g.key, g.goal)
-    return out + notes(rows, device)
+    """The issue's goals, checked on ``rows``."""
+    return _report.goal_report(goals, notes, _goal, rows, device)
 
 
 def notes(rows: list[dict], device: str) -> list[str]:

@@ -43,7 +43,7 @@ from kernelkit import _backend
 from kernelkit.rbf import build_grid, knn, rbf_features
 from kernelkit.rbf import reference as R
 
-from . import _timing
+from . import _report, _timing
 from ._report import Goal
 from .mfac import _goal  # the goal lines' format
 from .monarch import environment  # same machine description
@@ -279,10 +279,7 @@ def goals(rows: list[dict], device: str) -> list[Goal]:
 
 def goal_report(rows: list[dict], device: str) -> list[str]:
     """The issue's goals, checked on ``rows``."""
-    out = []
-    for g in goals(rows, device):
-        out += _goal(g.rows, g.title, g.key, g.goal)
-    return out + notes(rows, device)
+    return _report.goal_report(goals, notes, _goal, rows, device)
 
 
 def notes(rows: list[dict], device: str) -> list[str]:

@@ -40,7 +40,7 @@ import kernelkit
 from kernelkit import _backend
 from kernelkit.sparse import SparseLayout, mask_from_scores, sparse_linear
 
-from . import _timing
+from . import _report, _timing
 from ._report import Goal
 from .monarch import environment  # same machine description
 
@@ -351,10 +351,7 @@ def goals(rows: list[dict], device: str) -> list[Goal]:
 def goal_report(rows: list[dict], device: str) -> list[str]:
     """The issue's speed goals, checked on ``rows`` (each case's ratio, then MET / NOT MET), and the
     measured break-even sparsities."""
-    out = []
-    for g in goals(rows, device):
-        out += _goal(g.rows, g.title, g.key, g.goal)
-    return out + notes(rows, device)
+    return _report.goal_report(goals, notes, _goal, rows, device)
 
 
 def notes(rows: list[dict], device: str) -> list[str]:

@@ -37,7 +37,7 @@ from kernelkit import _backend
 from kernelkit.vq import dequantize, vq_linear
 from kernelkit.vq.reference import dequantize_reference
 
-from . import _timing
+from . import _report, _timing
 from ._report import Goal
 from .monarch import environment  # same machine description
 from .sparse import floors  # same floors: a dense fp32 GEMM and a 256 MB copy
@@ -309,10 +309,7 @@ def goals(rows: list[dict], device: str) -> list[Goal]:
 
 def goal_report(rows: list[dict], device: str) -> list[str]:
     """The issue's speed goals, checked on ``rows`` (each case's ratio, then MET / NOT MET)."""
-    out = []
-    for g in goals(rows, device):
-        out += _goal(g.rows, g.title, g.key, g.goal)
-    return out + notes(rows, device)
+    return _report.goal_report(goals, notes, _goal, rows, device)
 
 
 def notes(rows: list[dict], device: str) -> list[str]:

@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernelkit.mfac.reference import nblocks, static_rows  # noqa: F401  (the torch side's rules)
+
 from . import _common
 from ._common import call, check_array, spec
 
@@ -36,18 +38,6 @@ BUFFER_DTYPES = (np.dtype("float32"), np.dtype(jnp.bfloat16), np.dtype("float64"
 def vector_dtype(gdtype):
     """float64 vectors with a float64 buffer, float32 otherwise."""
     return jnp.float64 if np.dtype(gdtype) == np.dtype("float64") else jnp.float32
-
-
-def nblocks(d: int, block: int) -> int:
-    return 0 if d == 0 else -(-d // block)
-
-
-def static_rows(m: int, d: int, block: int) -> int:
-    """r, the rows of the static factor: m (W form, m <= min(block, d)), else min(block, d)."""
-    if m == 0 or d == 0:
-        return 0
-    B = min(block, d)
-    return m if m <= B else B
 
 
 def static_coefficients(m: int, d: int, block: int, damp: float) -> tuple[float, float]:
