@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kernelkit.rbf.ops import check_shapes_layout  # the torch op's layout rule
+
 from ._common import call, check_array, platform, registered_platforms, spec
 
 KERNELS = {"ivq": 0, "gauss": 1, "nlin": 2}
@@ -235,13 +237,7 @@ def rbf_features(x, centers, shapes, weights, omegas=None, k: int = 8, kernel: s
     check_array(shapes, "shapes", fn)
     if np.dtype(shapes.dtype) != cd:
         raise TypeError(f"{fn}: shapes must have x's dtype {cd.name}, got {np.dtype(shapes.dtype).name}")
-    if kernel == "nlin":
-        if tuple(shapes.shape) != (m, dim):
-            raise ValueError(f"{fn}: shapes for kernel='nlin' are the per-RBF scales (M, D) = ({m}, {dim}), got "
-                             f"shape {tuple(shapes.shape)}")
-    elif tuple(shapes.shape) not in ((m, dim, dim), (m, dim)):
-        raise ValueError(f"{fn}: shapes must be (M, D, D) = ({m}, {dim}, {dim}) inverse covariances or their "
-                         f"diagonals (M, D) = ({m}, {dim}), got shape {tuple(shapes.shape)}")
+    check_shapes_layout(shapes.shape, kernel, m, dim, fn)
     check_array(weights, "weights", fn, ndim=2)
     if weights.shape[0] != m:
         raise ValueError(f"{fn}: weights must be (M, C) with M = {m} (the centers' rows), got shape "

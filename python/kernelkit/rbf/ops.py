@@ -342,16 +342,23 @@ def check_centers(centers: Tensor, fn: str) -> None:
         raise ValueError(f"{fn}: centers has {centers.shape[0]} rows; at most 2^31 - 1 RBFs")
 
 
+def check_shapes_layout(shape: tuple, kernel: str, m: int, dim: int, fn: str) -> None:
+    """The layout of ``shapes`` (its shape tuple) by kernel: (M, D) scales for nlin, else (M, D, D) inverse
+    covariances or their (M, D) diagonals (also used by kernelkit.jax.rbf)."""
+    shape = tuple(shape)
+    if kernel == "nlin":
+        if shape != (m, dim):
+            raise ValueError(f"{fn}: shapes for kernel='nlin' are the per-RBF scales (M, D) = ({m}, {dim}), got "
+                             f"shape {shape}")
+    elif shape not in ((m, dim, dim), (m, dim)):
+        raise ValueError(f"{fn}: shapes must be (M, D, D) = ({m}, {dim}, {dim}) inverse covariances or their "
+                         f"diagonals (M, D) = ({m}, {dim}), got shape {shape}")
+
+
 def check_shapes(shapes: Tensor, kernel: str, m: int, dim: int, fn: str) -> None:
     """Layout by kernel, then values: finite; full shapes symmetric to a relative 1e-5 and positive
     definite; diagonal shapes and nlin scales > 0."""
-    if kernel == "nlin":
-        if tuple(shapes.shape) != (m, dim):
-            raise ValueError(f"{fn}: shapes for kernel='nlin' are the per-RBF scales (M, D) = ({m}, {dim}), got "
-                             f"shape {tuple(shapes.shape)}")
-    elif tuple(shapes.shape) not in ((m, dim, dim), (m, dim)):
-        raise ValueError(f"{fn}: shapes must be (M, D, D) = ({m}, {dim}, {dim}) inverse covariances or their "
-                         f"diagonals (M, D) = ({m}, {dim}), got shape {tuple(shapes.shape)}")
+    check_shapes_layout(shapes.shape, kernel, m, dim, fn)
     if not _values_checked() or not shapes.numel():
         return
     s = shapes.detach()
