@@ -76,6 +76,27 @@ inline ffi::Error check(kk_status s, const char* op) {
     if (kk_jax_err_.failure()) return kk_jax_err_; \
   } while (0)
 
+// ---- small shared pieces -----------------------------------------------------------------------
+// A buffer's last dimension (1 for a scalar).
+inline int64_t last_dim(const ffi::AnyBuffer& b) {
+  auto d = b.dimensions();
+  return d.size() == 0 ? 1 : d[d.size() - 1];
+}
+
+// The CPU kernels' thread count for `work`: one thread below the family's serial threshold (as its
+// torch op does), else 0 = the OpenMP default.
+inline int32_t threads_for(int64_t work, int64_t serial_work) { return work < serial_work ? 1 : 0; }
+
+// The int64 view of n indices of type t (S64: p itself; S32: widened into tmp).  The C ABI takes int64
+// indices; JAX without x64 has only int32 (CPU handlers only: the CUDA ones take int64).
+inline const int64_t* as_int64(ffi::DataType t, const void* p, int64_t n, std::vector<int64_t>& tmp) {
+  if (t == ffi::DataType::S64) return static_cast<const int64_t*>(p);
+  const int32_t* s = static_cast<const int32_t*>(p);
+  tmp.resize(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) tmp[static_cast<size_t>(i)] = s[i];
+  return tmp.data();
+}
+
 // ---- vmap's leading dimensions ---------------------------------------------------------------
 // Operands are added with their buffer's dims and core rank (the rank the op itself takes); the
 // dims before the core are the leading (vmap) dims, the same count for every operand, each of

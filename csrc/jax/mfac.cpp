@@ -18,8 +18,6 @@ namespace {
 
 constexpr int64_t kSerialWork = int64_t{1} << 20;  // as kernelkit.mfac.ops.SERIAL_WORK
 
-[[maybe_unused]] int32_t threads(int64_t work) { return work < kSerialWork ? 1 : 0; }
-
 int64_t nblocks(int64_t d, int64_t block) { return d == 0 ? 0 : (d + block - 1) / block; }
 
 bool buffer_dtype(ffi::DataType t, kk_dtype* out) {
@@ -60,7 +58,7 @@ ffi::Error Dots(ffi::AnyBuffer G, ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> 
                  "mfac_dots");
 #else
     KK_JAX_CHECK(kk_mfac_dots_cpu(gd, g.r, g.d, block, lead.ptr(0, b), g.d, v.r, lead.ptr(1, b), g.d, -1,
-                                  static_cast<double*>(lead.ptr(2, b)), nullptr, threads(g.r * g.d * (v.r > 1 ? v.r : 1))),
+                                  static_cast<double*>(lead.ptr(2, b)), nullptr, threads_for(g.r * g.d * (v.r > 1 ? v.r : 1), kSerialWork)),
                  "mfac_dots");
 #endif
   }
@@ -89,7 +87,7 @@ ffi::Error Combine(ffi::AnyBuffer G, ffi::AnyBuffer c, ffi::AnyBuffer x, ffi::Re
 #else
     KK_JAX_CHECK(kk_mfac_combine_cpu(gd, g.r, g.d, block, lead.ptr(0, b), g.d, v.r, alpha, xp, g.d,
                                      static_cast<const double*>(lead.ptr(1, b)), lead.ptr(3, b), g.d,
-                                     threads(g.r * g.d * (v.r > 1 ? v.r : 1))),
+                                     threads_for(g.r * g.d * (v.r > 1 ? v.r : 1), kSerialWork)),
                  "mfac_combine");
 #endif
   }
@@ -134,7 +132,7 @@ ffi::Error StaticSetup(ffi::AnyBuffer G, ffi::Result<ffi::AnyBuffer> Z, double d
                  "mfac_static_setup");
 #else
     KK_JAX_CHECK(kk_mfac_static_setup_cpu(gd, g.r, g.d, block, lead.ptr(0, b), g.d, damp, lead.ptr(1, b), g.d,
-                                          threads(g.r * g.d)),
+                                          threads_for(g.r * g.d, kSerialWork)),
                  "mfac_static_setup");
 #endif
   }
@@ -163,7 +161,7 @@ ffi::Error StaticMul(ffi::AnyBuffer Z, ffi::AnyBuffer x, ffi::AnyBuffer beta_bit
   std::vector<double> qv(static_cast<size_t>(L));
   double* q = qv.data();
   double* c = q;
-  const int32_t nt = threads(z.r * z.d * (v.r > 1 ? v.r : 1));
+  const int32_t nt = threads_for(z.r * z.d * (v.r > 1 ? v.r : 1), kSerialWork);
 #endif
   for (int64_t b = 0; b < lead.count(); ++b) {
 #if KK_JAX_CUDA

@@ -17,8 +17,6 @@ namespace {
 
 constexpr int64_t kSerialWork = int64_t{1} << 15;  // as kernelkit.ot.ops: small problems on one thread
 
-[[maybe_unused]] int32_t threads(int64_t work) { return work < kSerialWork ? 1 : 0; }
-
 // The cost operands: a matrix, or x and y.  Checks the core dims against (n, m) and B and fills the
 // parts of kk_ot_cost that do not depend on the batch element.
 struct CostIn {
@@ -113,7 +111,7 @@ ffi::Error step_impl(CostIn c, const ffi::AnyBuffer& w, const ffi::AnyBuffer& ot
                  "ot_sinkhorn_step");
 #else
     KK_JAX_CHECK(kk_ot_sinkhorn_step_cpu(dt, &k, B, n, m, axis, reg, lead.ptr(i0, b), lead.ptr(i0 + 1, b), pp,
-                                         lead.ptr(i0 + 3, b), ep, err_norm, threads(B * n * m)),
+                                         lead.ptr(i0 + 3, b), ep, err_norm, threads_for(B * n * m, kSerialWork)),
                  "ot_sinkhorn_step");
 #endif
   }
@@ -151,7 +149,7 @@ ffi::Error marg_impl(CostIn c, const ffi::AnyBuffer& f, const ffi::AnyBuffer& g,
                  "ot_marginals");
 #else
     KK_JAX_CHECK(kk_ot_marginals_cpu(dt, &k, B, n, m, reg, lead.ptr(i0, b), lead.ptr(i0 + 1, b), ap, bp, wrp, wcp,
-                                     lead.ptr(i0 + 6, b), lead.ptr(i0 + 7, b), op, threads(B * n * m)),
+                                     lead.ptr(i0 + 6, b), lead.ptr(i0 + 7, b), op, threads_for(B * n * m, kSerialWork)),
                  "ot_marginals");
 #endif
   }
@@ -244,7 +242,7 @@ ffi::Error PointsGrad(ffi::AnyBuffer x, ffi::AnyBuffer y, ffi::AnyBuffer f, ffi:
                  "ot_points_grad");
 #else
     KK_JAX_CHECK(kk_ot_points_grad_cpu(dt, &k, B, n, m, reg, lead.ptr(2, b), lead.ptr(3, b), sp, up, vp,
-                                       lead.ptr(7, b), lead.ptr(8, b), threads(B * n * m * c.dim)),
+                                       lead.ptr(7, b), lead.ptr(8, b), threads_for(B * n * m * c.dim, kSerialWork)),
                  "ot_points_grad");
 #endif
   }

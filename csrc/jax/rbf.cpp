@@ -20,9 +20,6 @@ namespace {
 
 // The CPU kernels run on one thread below this much work, as python/kernelkit/rbf/ops.py does.
 constexpr int64_t kSerialWork = int64_t{1} << 16;
-#if !KK_JAX_CUDA
-int32_t threads_for(int64_t work) { return work < kSerialWork ? 1 : 0; }
-#endif
 
 bool coord_dtype(ffi::DataType t, kk_dtype* out) {
   if (t == ffi::DataType::F32) return *out = KK_FLOAT32, true;
@@ -67,7 +64,7 @@ ffi::Error GridBuild(ffi::AnyBuffer centers, ffi::Result<ffi::AnyBuffer> grid KK
                  "rbf_grid_build");
 #else
     KK_JAX_CHECK(kk_rbf_grid_build_cpu(dt, dim, m, lead.ptr(0, b), dim, lead.ptr(1, b), grid_bytes,
-                                       threads_for(m * 64)),
+                                       threads_for(m * 64, kSerialWork)),
                  "rbf_grid_build");
 #endif
   }
@@ -109,7 +106,7 @@ ffi::Error Knn(ffi::AnyBuffer x, ffi::AnyBuffer grid, ffi::Result<ffi::AnyBuffer
 #else
     int64_t* out = it == ffi::DataType::S64 ? static_cast<int64_t*>(lead.ptr(2, b)) : wide.data();
     KK_JAX_CHECK(kk_rbf_knn_cpu(dt, dim, n, lead.ptr(0, b), dim, lead.ptr(1, b), kk, out, lead.ptr(3, b),
-                                threads_for(n * k * 16)),
+                                threads_for(n * k * 16, kSerialWork)),
                  "rbf_knn");
     if (it == ffi::DataType::S32) {  // indices are in [-1, 2^31): exact in int32
       int32_t* narrow = static_cast<int32_t*>(lead.ptr(2, b));
@@ -168,11 +165,7 @@ bool lead_common(Lead& lead, const ffi::AnyBuffer& x, const ffi::AnyBuffer& cent
 #if !KK_JAX_CUDA
 // The int64 idx of batch element b (widened into `wide` when idx is int32).
 const int64_t* idx64(const Lead& lead, int64_t b, const Feat& f, std::vector<int64_t>& wide) {
-  if (!f.idx32) return static_cast<const int64_t*>(lead.ptr(5, b));
-  const int32_t* p = static_cast<const int32_t*>(lead.ptr(5, b));
-  wide.resize(static_cast<size_t>(f.n * f.k));
-  for (size_t i = 0; i < wide.size(); ++i) wide[i] = p[i];
-  return wide.data();
+  return as_int64(f.idx32 ? ffi::DataType::S32 : ffi::DataType::S64, lead.ptr(5, b), f.n * f.k, wide);
 }
 #endif
 
@@ -206,7 +199,7 @@ ffi::Error FeaturesFwd(ffi::AnyBuffer x, ffi::AnyBuffer centers, ffi::AnyBuffer 
                                          static_cast<int32_t>(shape_full), f.n, lead.ptr(0, b), f.dim, f.m,
                                          lead.ptr(1, b), lead.ptr(2, b), lead.ptr(3, b), f.C, f.C, om, f.k, ip,
                                          static_cast<int32_t>(normalize), lead.ptr(6, b), ldo,
-                                         threads_for(f.n * f.k * ldo)),
+                                         threads_for(f.n * f.k * ldo, kSerialWork)),
                  "rbf_features_fwd");
 #endif
   }
@@ -253,7 +246,7 @@ ffi::Error FeaturesBwd(ffi::AnyBuffer x, ffi::AnyBuffer centers, ffi::AnyBuffer 
                                          lead.ptr(1, b), lead.ptr(2, b), lead.ptr(3, b), f.C, f.C, om, f.k, ip,
                                          static_cast<int32_t>(normalize), lead.ptr(6, b), ldg, lead.ptr(7, b),
                                          lead.ptr(8, b), lead.ptr(9, b), lead.ptr(10, b), dom,
-                                         threads_for(f.n * f.k * ldg)),
+                                         threads_for(f.n * f.k * ldg, kSerialWork)),
                  "rbf_features_bwd");
 #endif
   }

@@ -14,24 +14,7 @@
 namespace kkjax {
 namespace {
 
-int64_t last(const ffi::AnyBuffer& b) {
-  auto d = b.dimensions();
-  return d.size() == 0 ? 1 : d[d.size() - 1];
-}
-
 bool is_index(ffi::DataType t) { return t == ffi::DataType::S32 || t == ffi::DataType::S64; }
-
-#if !KK_JAX_CUDA
-// The int64 view of an index operand at one batch element: its own memory when it is int64, else a
-// widened copy in `tmp` (CPU only; the CUDA build rejects int32 before the loop).
-const int64_t* wide(ffi::DataType t, void* p, int64_t n, std::vector<int64_t>& tmp) {
-  if (t == ffi::DataType::S64) return static_cast<const int64_t*>(p);
-  const int32_t* s = static_cast<const int32_t*>(p);
-  tmp.resize(static_cast<size_t>(n));
-  for (int64_t i = 0; i < n; ++i) tmp[static_cast<size_t>(i)] = s[i];
-  return tmp.data();
-}
-#endif
 
 struct Shape {
   int64_t rows, n_in, n_out, nnz;
@@ -49,11 +32,11 @@ ffi::Error shape_of(const ffi::AnyBuffer& x, const ffi::AnyBuffer& values, const
     return ffi::Error::InvalidArgument("kernelkit: sparse_linear: row_ptr must be int64 or int32");
   s->rows = xd[xd.size() - 2];
   s->n_in = xd[xd.size() - 1];
-  s->n_out = last(row_ptr) - 1;
-  s->nnz = last(col_idx);
+  s->n_out = last_dim(row_ptr) - 1;
+  s->nnz = last_dim(col_idx);
   if (s->n_out < 0)
     return ffi::Error::InvalidArgument("kernelkit: sparse_linear: row_ptr must have n_out+1 >= 1 entries");
-  if (last(values) != s->nnz)
+  if (last_dim(values) != s->nnz)
     return ffi::Error::InvalidArgument("kernelkit: sparse_linear: values and col_idx must have nnz entries each");
   return ffi::Error::Success();
 }
@@ -64,7 +47,7 @@ ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer values, ffi::AnyBuffer bias, ffi
   if (!to_kk(x.element_type(), &dt)) return dtype_error("sparse_linear x");
   Shape s;
   if (auto e = shape_of(x, values, row_ptr, col_idx, &s); e.failure()) return e;
-  const int64_t nb = last(bias);
+  const int64_t nb = last_dim(bias);
   if (nb != 0 && nb != s.n_out)
     return ffi::Error::InvalidArgument("kernelkit: sparse_linear: bias must have n_out entries (or 0 for none)");
   const bool has_bias = nb != 0;
@@ -99,7 +82,7 @@ ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer values, ffi::AnyBuffer bias, ffi
                                            lead.ptr(0, b), s.n_in, bp, lead.ptr(5, b), s.n_out, ws, ws_bytes, stream),
                  "sparse_linear_fwd");
 #else
-    if (rp == nullptr || lead.batched(3)) rp = wide(row_ptr.element_type(), lead.ptr(3, b), s.n_out + 1, rp_tmp);
+    if (rp == nullptr || lead.batched(3)) rp = as_int64(row_ptr.element_type(), lead.ptr(3, b), s.n_out + 1, rp_tmp);
     KK_JAX_CHECK(kk_sparse_linear_fwd_cpu(dt, rows, s.n_out, s.n_in, s.nnz, rp,
                                           static_cast<const int32_t*>(lead.ptr(4, b)), lead.ptr(1, b),
                                           lead.ptr(0, b), s.n_in, bp, lead.ptr(5, b), s.n_out, 0),
@@ -120,7 +103,7 @@ ffi::Error Bwd(ffi::AnyBuffer x, ffi::AnyBuffer values, ffi::AnyBuffer row_ptr, 
     return ffi::Error::InvalidArgument("kernelkit: sparse_linear: row_idx must be int32");
   if (!is_index(col_ptr.element_type()) || !is_index(perm.element_type()))
     return ffi::Error::InvalidArgument("kernelkit: sparse_linear: col_ptr and perm must be int64 or int32");
-  if (last(col_ptr) != s.n_in + 1 || last(row_idx) != s.nnz || last(perm) != s.nnz)
+  if (last_dim(col_ptr) != s.n_in + 1 || last_dim(row_idx) != s.nnz || last_dim(perm) != s.nnz)
     return ffi::Error::InvalidArgument(
         "kernelkit: sparse_linear: col_ptr must have n_in+1 entries, row_idx and perm nnz");
   Lead lead;
@@ -157,9 +140,9 @@ ffi::Error Bwd(ffi::AnyBuffer x, ffi::AnyBuffer values, ffi::AnyBuffer row_ptr, 
                                            lead.ptr(9, b), ws, ws_bytes, stream),
                  "sparse_linear_bwd");
 #else
-    if (rp == nullptr || lead.batched(2)) rp = wide(row_ptr.element_type(), lead.ptr(2, b), s.n_out + 1, rp_tmp);
-    if (cp == nullptr || lead.batched(4)) cp = wide(col_ptr.element_type(), lead.ptr(4, b), s.n_in + 1, cp_tmp);
-    if (pm == nullptr || lead.batched(6)) pm = wide(perm.element_type(), lead.ptr(6, b), s.nnz, pm_tmp);
+    if (rp == nullptr || lead.batched(2)) rp = as_int64(row_ptr.element_type(), lead.ptr(2, b), s.n_out + 1, rp_tmp);
+    if (cp == nullptr || lead.batched(4)) cp = as_int64(col_ptr.element_type(), lead.ptr(4, b), s.n_in + 1, cp_tmp);
+    if (pm == nullptr || lead.batched(6)) pm = as_int64(perm.element_type(), lead.ptr(6, b), s.nnz, pm_tmp);
     KK_JAX_CHECK(kk_sparse_linear_bwd_cpu(dt, s.rows, s.n_out, s.n_in, s.nnz, rp,
                                           static_cast<const int32_t*>(lead.ptr(3, b)), cp,
                                           static_cast<const int32_t*>(lead.ptr(5, b)), pm, lead.ptr(1, b),

@@ -46,11 +46,6 @@ ffi::Error format_of(const ffi::AnyBuffer& x, const ffi::AnyBuffer& codes, const
   return ffi::Error::Success();
 }
 
-int64_t last(const ffi::AnyBuffer& b) {
-  auto d = b.dimensions();
-  return d.size() == 0 ? 1 : d[d.size() - 1];
-}
-
 ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer codebooks, ffi::AnyBuffer scales,
                ffi::AnyBuffer bias, ffi::Result<ffi::AnyBuffer> out, int64_t rows_per_codebook,
                int32_t path KK_JAX_DEVICE_PARAMS) {
@@ -59,8 +54,8 @@ ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer codebooks,
   kk_vq_format f;
   int64_t rows;
   if (auto e = format_of(x, codes, codebooks, rows_per_codebook, &f, &rows); e.failure()) return e;
-  const bool has_scales = last(scales) != 0, has_bias = last(bias) != 0;
-  if ((has_scales && last(scales) != f.n_out) || (has_bias && last(bias) != f.n_out))
+  const bool has_scales = last_dim(scales) != 0, has_bias = last_dim(bias) != 0;
+  if ((has_scales && last_dim(scales) != f.n_out) || (has_bias && last_dim(bias) != f.n_out))
     return ffi::Error::InvalidArgument("kernelkit: vq_linear: scales and bias must have n_out entries (or 0 for none)");
   Lead lead;
   if (!lead.add(x, 2, "x") || !lead.add(codes, 3, "codes") || !lead.add(codebooks, 4, "codebooks") ||
@@ -100,8 +95,8 @@ ffi::Error Bwd(ffi::AnyBuffer x, ffi::AnyBuffer codes, ffi::AnyBuffer codebooks,
   kk_vq_format f;
   int64_t rows;
   if (auto e = format_of(x, codes, codebooks, rows_per_codebook, &f, &rows); e.failure()) return e;
-  const bool has_scales = last(scales) != 0;
-  if (has_scales && last(scales) != f.n_out)
+  const bool has_scales = last_dim(scales) != 0;
+  if (has_scales && last_dim(scales) != f.n_out)
     return ffi::Error::InvalidArgument("kernelkit: vq_linear: scales must have n_out entries (or 0 for none)");
   Lead lead;
   if (!lead.add(x, 2, "x") || !lead.add(codes, 3, "codes") || !lead.add(codebooks, 4, "codebooks") ||

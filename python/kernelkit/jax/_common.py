@@ -77,6 +77,18 @@ def platform() -> str:
     return "cuda" if p == "gpu" else p
 
 
+def check_platform(fn: str) -> str:
+    """The platform a traced call lowers for ("cpu" or "cuda"); RuntimeError when kernelkit has no
+    kernels for it or its custom calls are not registered there."""
+    plat = platform()
+    if plat not in PLATFORM_DTYPES:
+        raise RuntimeError(f"{fn}: kernelkit.jax has no kernels for platform {plat!r} (cpu, cuda)")
+    if plat not in _PLATFORMS:
+        raise RuntimeError(f"{fn}: kernelkit's custom calls are not registered for {plat!r} "
+                           f"(registered: {', '.join(_PLATFORMS)}; the CUDA ones need kernelkit built with nvcc)")
+    return plat
+
+
 def check_array(x, name: str, fn: str, *, ndim: int | None = None, min_ndim: int | None = None,
                 dtypes=None) -> None:
     """TypeError / ValueError naming ``name`` when x is not an array of the right rank and dtype."""
@@ -91,16 +103,10 @@ def check_array(x, name: str, fn: str, *, ndim: int | None = None, min_ndim: int
         raise TypeError(f"{fn}: {name} must have dtype {names}, got {np.dtype(x.dtype).name}")
 
 
-def check_float(fn: str, first: str, x, *, platform_dtypes: dict | None = None, **others) -> None:
-    """x a float array of a dtype the current platform's kernels take (``platform_dtypes``: the
-    family's {platform: dtypes} when it differs from PLATFORM_DTYPES); the others of x's dtype."""
-    plat = platform()
-    ok = (platform_dtypes or PLATFORM_DTYPES).get(plat)
-    if ok is None:
-        raise RuntimeError(f"{fn}: kernelkit.jax has no kernels for platform {plat!r} (cpu, cuda)")
-    if plat not in _PLATFORMS:
-        raise RuntimeError(f"{fn}: kernelkit's custom calls are not registered for {plat!r} "
-                           f"(registered: {', '.join(_PLATFORMS)}; the CUDA ones need kernelkit built with nvcc)")
+def check_float(fn: str, first: str, x, **others) -> None:
+    """x a float array of a dtype the current platform's kernels take; the others of x's dtype."""
+    plat = check_platform(fn)
+    ok = PLATFORM_DTYPES[plat]
     check_array(x, first, fn, dtypes=ok)
     for name, t in others.items():
         check_array(t, name, fn)

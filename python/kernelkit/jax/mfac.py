@@ -48,18 +48,11 @@ def static_coefficients(m: int, d: int, block: int, damp: float) -> tuple[float,
 
 
 # ---- checks ------------------------------------------------------------------------------------------
-def _platform(fn: str) -> None:
-    plat = _common.platform()
-    if plat not in _common.registered_platforms():
-        raise RuntimeError(f"{fn}: kernelkit's custom calls are not registered for {plat!r} "
-                           f"(registered: {', '.join(_common.registered_platforms())})")
-
-
 def _buffer(G, name: str, fn: str):
     check_array(G, name, fn, ndim=2)
     if np.dtype(G.dtype) not in BUFFER_DTYPES:
         raise TypeError(f"{fn}: {name} must be float32, bfloat16 or float64, got {np.dtype(G.dtype).name}")
-    _platform(fn)
+    _common.check_platform(fn)
     return G
 
 

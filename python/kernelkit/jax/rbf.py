@@ -34,7 +34,7 @@ import numpy as np
 
 from kernelkit.rbf.ops import check_shapes_layout  # the torch op's layout rule
 
-from ._common import call, check_array, platform, registered_platforms, spec
+from ._common import call, check_array, check_platform, spec
 
 KERNELS = {"ivq": 0, "gauss": 1, "nlin": 2}
 NORM_NONE, NORM_DETACHED, NORM_FULL = 0, 1, 2
@@ -46,16 +46,6 @@ _INDEX = (np.dtype("int32"), np.dtype("int64"))
 
 
 # ---- argument checks ----------------------------------------------------------------------------------
-def _platform(fn: str) -> str:
-    plat = platform()
-    if plat not in ("cpu", "cuda"):
-        raise RuntimeError(f"{fn}: kernelkit.jax has no kernels for platform {plat!r} (cpu, cuda)")
-    if plat not in registered_platforms():
-        raise RuntimeError(f"{fn}: kernelkit's custom calls are not registered for {plat!r} (registered: "
-                           f"{', '.join(registered_platforms())}; the CUDA ones need kernelkit built with nvcc)")
-    return plat
-
-
 def _index_dtype(fn: str, plat: str) -> np.dtype:
     """int64 with x64 enabled, else int32 (CPU only)."""
     dt = np.dtype(jax.dtypes.canonicalize_dtype(np.int64))
@@ -156,7 +146,7 @@ def build_grid(centers):
     (an index structure).  A non-finite centre fails when the call runs (CPU)."""
     fn = "kernelkit.jax.rbf.build_grid"
     _centers(centers, fn)
-    _platform(fn)
+    check_platform(fn)
     return _grid_call(centers)
 
 
@@ -169,7 +159,7 @@ def knn(queries, centers, k: int, *, grid=None):
     _centers(centers, fn)
     _points(queries, "queries", fn, dim=centers.shape[1], dtype=centers.dtype)
     k = _check_k(k, fn)
-    idt = _index_dtype(fn, _platform(fn))
+    idt = _index_dtype(fn, check_platform(fn))
     if grid is None:
         grid = _grid_call(centers)
     else:
@@ -258,7 +248,7 @@ def rbf_features(x, centers, shapes, weights, omegas=None, k: int = 8, kernel: s
     if not isinstance(detach_denominator, bool):
         raise TypeError(f"{fn}: detach_denominator must be a bool, got {type(detach_denominator).__name__}")
     mode = NORM_NONE if not normalize else (NORM_DETACHED if detach_denominator else NORM_FULL)
-    plat = _platform(fn)
+    plat = check_platform(fn)
     if idx is None:
         k = _check_k(k, fn)
         idt = _index_dtype(fn, plat)
