@@ -42,3 +42,13 @@ def rows(t: torch.Tensor) -> torch.Tensor:
     # contiguous() keeps any stride on a size-1 dimension (a single expanded row has row stride 0,
     # a (1, 1) expanded gradient strides (0, 0)), which the native checks reject: force a fresh copy.
     return t if ok(t) else t.clone(memory_format=torch.contiguous_format)
+
+
+def not_a_view(y: torch.Tensor) -> torch.Tensor:
+    """``y`` (a reshaped kernel output) as a tensor that is not a view, without a copy, as F.linear returns
+    for batched inputs.  Layers return this: under FSDP2 an in-place op on a module's output view
+    (``ReLU(inplace=True)``) drops the pre-backward hook that gathers the parameters again, and the
+    backward then finds them freed.  Left alone under torch.compile (which traces views fine)."""
+    if torch.compiler.is_compiling() or not y._is_view():
+        return y
+    return torch.ops.aten._unsafe_view(y, y.shape)

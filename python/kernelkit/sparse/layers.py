@@ -146,10 +146,7 @@ class SparseLinear(nn.Module):
         if bias is not None and bias.dtype != self.values.dtype:
             bias = bias.to(self.values.dtype)
         y = sparse_linear(x, self.values, self.layout, bias, backend=self.backend, min_sparsity=self.min_sparsity)
-        if not torch.compiler.is_compiling() and y._is_view():
-            # the reshaped kernel output as a non-view, without a copy (as F.linear returns): under FSDP2 an
-            # in-place op on a module's view output (ReLU(inplace=True)) drops the hook that re-gathers the weights
-            y = torch.ops.aten._unsafe_view(y, y.shape)
+        y = _checks.not_a_view(y)  # under FSDP2 an in-place op on a view output loses the weights' re-gather
         hook = getattr(self, "_dense_grad_hook", None)
         if hook is not None and y.requires_grad:
             hook(self, x, y)

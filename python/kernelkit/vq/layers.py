@@ -142,7 +142,7 @@ class VQLinear(nn.Module):
             x = nn.functional.pad(x, (0, self.padded_in_features - self.in_features))
         y = vq_linear(x, self.codes, self.codebooks, self.scales, self.bias,
                       rows_per_codebook=self.rows_per_codebook, path=self.path, backend=self.backend)
-        return _not_a_view(y)
+        return _checks.not_a_view(y)
 
     def dequantize(self) -> Tensor:
         """The dense W (out_features, in_features) in the codebooks' dtype (differentiable in the
@@ -309,16 +309,6 @@ class VQLinear(nn.Module):
         if self.padded_in_features != self.in_features:
             s += f", padded_to={self.padded_in_features}"
         return s + f", bits_per_weight={self.bits_per_weight:g}"
-
-
-def _not_a_view(y: Tensor) -> Tensor:
-    """``y`` (a reshaped kernel output) as a tensor that is not a view, without a copy, as F.linear returns
-    for batched inputs.  Under FSDP2 an in-place op on a module's output view (``ReLU(inplace=True)``)
-    drops the pre-backward hook that gathers the parameters again, and the backward then finds the
-    codebooks freed."""
-    if torch.compiler.is_compiling() or not y._is_view():
-        return y
-    return torch.ops.aten._unsafe_view(y, y.shape)
 
 
 def _check_range(vals: Tensor, K: int, fn: str, name: str) -> None:
