@@ -23,7 +23,6 @@ import io
 import math
 import os
 import platform
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -387,10 +386,6 @@ def plot(rows: list[dict], path: Path, case_keys, ratios: dict, title: str, capt
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def print_err(*a) -> None:
-    print(*a, file=sys.stderr, flush=True)
 
 
 def goal_report(goals_fn, notes_fn, goal_lines, rows: list[dict], device: str) -> list[str]:
